@@ -1,0 +1,313 @@
+"""Validated journey files -> the immutable graph, with every problem tied to a path.
+
+Checks beyond the schema: step references exist, every step is reachable from the first one,
+every cycle passes through a wait (a loop without one would spin forever), filters, conditions,
+templates and time zones are well-formed, and segments referenced are defined.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import zoneinfo
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from engine import graph as g
+from engine import schema as s
+from engine.durations import parse_duration
+from engine.predicates import CounterRegistry, SpecError, compile_condition, compile_where
+from engine.templates import TemplateError, Text, compile_value
+
+Path = tuple[str | int, ...]
+DAYS = {"mon": 0, "tue": 1, "wed": 2, "thu": 3, "fri": 4, "sat": 5, "sun": 6}
+
+
+class CompileError(Exception):
+    """One problem at a path inside the file (the loader adds file and line)."""
+
+    def __init__(self, path: Path, problem: str, line_offset: int | None = None) -> None:
+        self.path, self.problem, self.line_offset = path, problem, line_offset
+        super().__init__(problem)
+
+
+def pydantic_problems(e: ValidationError, prefix: Path = ()) -> list[CompileError]:
+    out = []
+    for err in e.errors():
+        loc = prefix + tuple(p for p in err["loc"] if not (isinstance(p, str) and "[" in p))
+        kind, msg = err["type"], err["msg"]
+        if kind == "extra_forbidden":
+            msg = f"unknown field '{loc[-1]}'"
+        elif kind == "missing":
+            msg = f"missing required field '{loc[-1]}'"
+        elif kind == "literal_error":
+            msg = f"{msg}, got {err.get('input')!r}"
+        elif kind == "value_error":
+            msg = msg.removeprefix("Value error, ")
+        elif kind == "string_pattern_mismatch":
+            msg = f"'{err.get('input')}' is not a valid id (lowercase letters, digits, '-' and '_')"
+        out.append(CompileError(loc, msg))
+    return out
+
+
+def _validate(model: type[BaseModel], raw: Any, path: Path) -> Any:
+    try:
+        return model.model_validate(raw)
+    except ValidationError as e:
+        raise _Many(pydantic_problems(e, path)) from None
+
+
+class _Many(Exception):
+    def __init__(self, errors: list[CompileError]) -> None:
+        self.errors = errors
+
+
+def _ms(d: dt.datetime | dt.date) -> int:
+    if not isinstance(d, dt.datetime):
+        d = dt.datetime(d.year, d.month, d.day)
+    if d.tzinfo is None:
+        d = d.replace(tzinfo=dt.UTC)
+    return int(d.timestamp() * 1000)
+
+
+def compile_segments(raw: Mapping[str, Any], reg: CounterRegistry) -> tuple[dict[str, Any], list[CompileError]]:
+    """segments.yaml: {segments: {name: condition}}; segments may use other segments."""
+    errors: list[CompileError] = []
+    model = _validate(s.SegmentsFile, raw, ())
+    names = set(model.segments)
+    out = {}
+    for name, spec in model.segments.items():
+        try:
+            out[name] = compile_condition(spec, reg, names)
+        except SpecError as e:
+            errors.append(CompileError(("segments", name, *e.path), e.problem))
+    return out, errors
+
+
+def compile_journey(raw: Any, file: str, reg: CounterRegistry, segments: set[str]) -> g.Journey:
+    """Raise _Many with every problem found, or return the compiled journey."""
+    if not isinstance(raw, Mapping):
+        raise _Many([CompileError((), "a journey file must be a mapping with journey, name, entry, steps")])
+    jf: s.JourneyFile = _validate(s.JourneyFile, raw, ())
+    errors: list[CompileError] = []
+    ids = list(jf.steps)
+    nodes: dict[str, g.Node] = {}
+
+    def where(spec: Any, path: Path) -> Any:
+        try:
+            return compile_where(spec)
+        except SpecError as e:
+            errors.append(CompileError(path + e.path, e.problem))
+            return lambda _p: False
+
+    def cond(spec: Any, path: Path) -> Any:
+        try:
+            return compile_condition(spec, reg, segments)
+        except SpecError as e:
+            errors.append(CompileError(path + e.path, e.problem))
+            return lambda _c: False
+
+    def rule(event: str, spec: dict[str, Any], path: Path) -> g.Rule:
+        return g.Rule(event, where(spec, path), reg.need(event, spec, None, 1))
+
+    # entry
+    e = jf.entry
+    triggers = [x for x in (e.event, e.segment_entered, e.segment_left, e.attribute_changed) if x] + (
+        ["enrolled"] if e.enrolled else [])
+    if len(triggers) != 1:
+        errors.append(CompileError(("entry",), "entry needs exactly one of event, segment_entered, "
+                                               "segment_left, attribute_changed, enrolled"))
+    for key, seg in (("segment_entered", e.segment_entered), ("segment_left", e.segment_left)):
+        if seg and seg not in segments:
+            errors.append(CompileError(("entry", key), f"unknown segment '{seg}'; define it in segments.yaml"))
+    for i, seg in enumerate(e.audience):
+        if seg not in segments:
+            errors.append(CompileError(("entry", "audience", i), f"unknown segment '{seg}'"))
+    if e.eligibility == "once" and (e.lock or e.cap):
+        errors.append(CompileError(("entry", "eligibility"), "lock and cap only apply to eligibility: multiple"))
+    entry = g.Entry(
+        event=e.event, where=where(e.where, ("entry", "where")), segment_entered=e.segment_entered,
+        segment_left=e.segment_left, attribute_changed=e.attribute_changed, enrolled=e.enrolled,
+        audience=tuple(e.audience), once=e.eligibility == "once",
+        lock=parse_duration(e.lock) if e.lock else None,
+        cap_max=e.cap.max if e.cap else None,
+        cap_per=parse_duration(e.cap.per) if e.cap and e.cap.per else None,
+        restart=e.while_active == "restart",
+        starts_at=_ms(e.starts_at) if e.starts_at else None, ends_at=_ms(e.ends_at) if e.ends_at else None)
+    goal = None
+    if jf.goal:
+        goal = g.Goal(rule(jf.goal.event, jf.goal.where, ("goal", "where")),
+                      parse_duration(jf.goal.within) if jf.goal.within else None, jf.goal.exit)
+    exits = tuple(rule(x.event, x.where, ("exit_when", i, "where")) for i, x in enumerate(jf.exit_when))
+
+    # steps
+    for i, sid in enumerate(ids):
+        path: Path = ("steps", sid)
+        raw_step = jf.steps[sid]
+        follow = ids[i + 1] if i + 1 < len(ids) else g.END
+        if sid == g.END:
+            errors.append(CompileError(path, "'end' is reserved; name the step otherwise"))
+            continue
+        kinds = [k for k in s.STEP_KINDS if k in raw_step]
+        if len(kinds) != 1:
+            what = "none" if not kinds else ", ".join(kinds)
+            errors.append(CompileError(path, f"a step needs exactly one action ({', '.join(s.STEP_KINDS)}); "
+                                             f"found {what}"))
+            continue
+        kind = kinds[0]
+        try:
+            step = _validate(s.STEP_KINDS[kind], raw_step, path)
+        except _Many as m:
+            errors.extend(m.errors)
+            continue
+        try:
+            nodes[sid] = _node(kind, sid, step, follow, path, where, cond, reg)
+        except CompileError as ce:
+            errors.append(ce)
+
+    if not errors:
+        errors.extend(_check_graph(nodes, ids))
+    if errors:
+        raise _Many(errors)
+    return g.Journey(jf.journey, jf.name, jf.version, jf.status, entry, goal, exits, nodes, ids[0], file)
+
+
+def _text(v: str, path: Path, html: bool = False) -> Text:
+    try:
+        return Text(v, html)
+    except TemplateError as e:
+        raise CompileError(path, str(e), (e.line or 1) - 1) from None
+
+
+def _message(m: s.Content, channel: str, fallback: s.Fallback | None, path: Path) -> g.Message:
+    fields = ("subject", "title", "body", "text", "html", "url", "image")
+    content = {f: _text(v, (*path, f), f == "html") for f in fields if (v := getattr(m, f)) is not None}
+    if not content and not m.template:
+        raise CompileError(path, "a send needs a template id or content (title, body, text, subject, ...)")
+    try:
+        data = compile_value(m.data)
+    except TemplateError as e:
+        raise CompileError((*path, "data"), str(e)) from None
+    fb = None
+    if fallback is not None:
+        if fallback.send == channel:
+            raise CompileError((*path, "fallback"), f"the fallback channel must differ from '{channel}'")
+        fb = _message(fallback, fallback.send, fallback.fallback, (*path, "fallback"))
+    return g.Message(channel, m.template, content, data, fb)
+
+
+def _node(kind: str, sid: str, st: Any, follow: str, path: Path, where: Any, cond: Any,
+          reg: CounterRegistry) -> g.Node:
+    nxt = getattr(st, "next", None) or follow
+    if kind == "send":
+        return g.Send(sid, _message(st, st.send, st.fallback, path), nxt)
+    if kind == "wait":
+        return g.Wait(sid, parse_duration(st.wait), nxt)
+    if kind == "wait_until":
+        w = st.wait_until
+        if isinstance(w, s.UntilAttribute):
+            off = parse_duration(w.offset, allow_negative=True) if w.offset else 0
+            return g.WaitUntil(sid, None, w.attribute, off, st.if_missing, nxt)
+        return g.WaitUntil(sid, _ms(w), None, 0, st.if_missing, nxt)
+    if kind == "wait_window":
+        w = st.wait_window
+        tz = w.timezone
+        if not tz.startswith("attribute:"):
+            try:
+                zoneinfo.ZoneInfo(tz)
+            except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+                raise CompileError((*path, "wait_window", "timezone"), f"unknown time zone '{tz}'") from None
+        start, end = _minutes(w.start), _minutes(w.end)
+        if start is None or end is None or start >= end:
+            raise CompileError((*path, "wait_window"), "'from' and 'to' must be HH:MM with from < to")
+        return g.WaitWindow(sid, frozenset(DAYS[d] for d in w.days), start, end, tz, nxt)
+    if kind == "wait_for":
+        spec = st.where
+        return g.WaitFor(sid, st.wait_for, where(spec, (*path, "where")), reg.need(st.wait_for, spec, None, 1),
+                         parse_duration(st.timeout), st.on_timeout, nxt)
+    if kind == "if":
+        return g.Branch(sid, ((cond(st.if_, (*path, "if")), st.then or follow),), st.else_ or follow)
+    if kind == "branch":
+        cases = tuple((cond(c.when, (*path, "branch", i, "when")), c.next) for i, c in enumerate(st.branch))
+        return g.Branch(sid, cases, st.otherwise or follow)
+    if kind == "split":
+        total, arms = 0, []
+        for arm in st.split:
+            total += arm.percent
+            if arm.control and arm.next:
+                raise CompileError((*path, "split"), "a control arm receives nothing: it has no 'next'")
+            arms.append((total, g.END if arm.control else (arm.next or follow)))
+        if total != 100:
+            raise CompileError((*path, "split"), f"percentages must add up to 100, not {total}")
+        return g.Split(sid, tuple(arms))
+    if kind == "update":
+        u = st.update
+        if not (u.set or u.increment or u.unset):
+            raise CompileError((*path, "update"), "an update needs set, increment or unset")
+        return g.Update(sid, dict(u.set), dict(u.increment), tuple(u.unset), nxt)
+    if kind == "call":
+        try:
+            body, headers = compile_value(st.body), compile_value(st.headers)
+        except TemplateError as e:
+            raise CompileError(path, str(e)) from None
+        return g.Call(sid, _text(st.call, (*path, "call")), st.method, headers, body, st.save_as,
+                      parse_duration(st.timeout), st.on_error or follow, nxt)
+    return g.End(sid)
+
+
+def _minutes(hhmm: str) -> int | None:
+    h, m = int(hhmm[:2]), int(hhmm[3:])
+    return h * 60 + m if (h < 24 and m < 60) or (h == 24 and m == 0) else None
+
+
+def _successors(n: g.Node) -> list[tuple[str, str]]:
+    """(field, target) pairs of a node."""
+    if isinstance(n, g.End):
+        return []
+    if isinstance(n, g.Branch):
+        return [("branch", t) for _, t in n.cases] + [("otherwise", n.otherwise)]
+    if isinstance(n, g.Split):
+        return [("split", t) for _, t in n.arms]
+    out = [("next", n.next)]
+    if isinstance(n, g.WaitFor):
+        out.append(("on_timeout", n.on_timeout))
+    if isinstance(n, g.Call):
+        out.append(("on_error", n.on_error))
+    return out
+
+
+def _check_graph(nodes: dict[str, g.Node], ids: list[str]) -> list[CompileError]:
+    errors = []
+    for sid, n in nodes.items():
+        for fld, target in _successors(n):
+            if target != g.END and target not in nodes:
+                errors.append(CompileError(("steps", sid, fld), f"'{target}' is not a step of this journey"))
+    if errors:
+        return errors
+    seen, todo = {ids[0]}, [ids[0]]
+    while todo:
+        for _, t in _successors(nodes[todo.pop()]):
+            if t != g.END and t not in seen:
+                seen.add(t)
+                todo.append(t)
+    errors += [CompileError(("steps", sid), f"step '{sid}' can never be reached") for sid in ids if sid not in seen]
+    # a cycle is fine only through a blocking step: search cycles among non-blocking steps
+    instant = {sid for sid, n in nodes.items() if not isinstance(n, g.BLOCKING)}
+    state: dict[str, int] = {}
+
+    def visit(sid: str, trail: list[str]) -> None:
+        state[sid] = 1
+        for _, t in _successors(nodes[sid]):
+            if t in instant:
+                if state.get(t) == 1:
+                    loop = [*trail[trail.index(t):], t] if t in trail else [sid, t]
+                    errors.append(CompileError(("steps", sid), "steps loop without a wait: " + " -> ".join(loop)))
+                elif t not in state:
+                    visit(t, [*trail, t])
+        state[sid] = 2
+
+    for sid in sorted(instant):
+        if sid not in state:
+            visit(sid, [sid])
+    return errors

@@ -1,0 +1,563 @@
+"""The journey engine: `process(state, input, now, journeys) -> Result(state, effects)`.
+
+Pure and deterministic: no I/O, no clock of its own, no randomness (splits hash the user). The
+state is one user's plain, JSON-serialisable dict (see `new_state`); the input state is never
+modified. The caller provides `now`: the event time for events, the due time for ticks.
+
+Timers are part of the state: each active instance that waits has a `wake` time, and the user's
+next wake-up is the smallest of them. A Tick runs everything due at `now`; a Tick with nothing
+due changes nothing, so duplicated or stale timer firings are harmless. The effects say when the
+user's wake-up time moved (TimerSet / TimerCleared) so an adapter can keep an index by due time.
+
+Semantics worth knowing (README "Journey semantics" has the full list):
+- Before an event is applied, every step due at or before its time runs (an event that comes
+  after a deadline sees the deadline already passed, exactly like a timer would have).
+- Goals and exits are checked before anything else for active users; an event can convert a
+  user in one journey and enter them into another.
+- Late events: histories remember the newest time of each goal, exit and wait-for event, so an
+  exit event that was processed before the entry event but happened after it still exits.
+- Editing a journey (new version): users continue at the same step id; users on a removed step
+  leave the journey (reason step_removed). Paused journeys take no entries and hold users in
+  place (re-checked hourly); stopped journeys take no entries and release users without sending.
+"""
+
+from __future__ import annotations
+
+import bisect
+import datetime as dt
+import hashlib
+import zoneinfo
+from collections.abc import Mapping
+from typing import Any
+
+from engine import graph as g
+from engine.io import (
+    CallRequest,
+    CallResult,
+    Count,
+    Effect,
+    Enroll,
+    Event,
+    Feedback,
+    Input,
+    ProfileChanged,
+    ProfileUpdate,
+    Result,
+    SendRequest,
+    Tick,
+    TimerCleared,
+    TimerSet,
+)
+from engine.predicates import MAX_HISTORY, reachable
+from engine.templates import render_value
+
+State = dict[str, Any]
+MAX_STEPS_PER_RUN = 200
+PAUSE_RECHECK_MS = 3_600_000
+
+
+def new_state() -> State:
+    return {"clock": 0, "inst": {}, "done": {}, "entries": {}, "profile": {}, "hist": {}, "segs": {}}
+
+
+def next_wake(state: Mapping[str, Any] | None) -> int | None:
+    """The earliest time any of this user's instances must run, or None."""
+    if not state:
+        return None
+    wakes = [i["wake"] for i in state["inst"].values() if i["wake"] is not None]
+    return min(wakes) if wakes else None
+
+
+def idempotency_key(journey: str, user: str, instance: int, step: str, k: int) -> str:
+    raw = f"{journey}\x1f{user}\x1f{instance}\x1f{step}\x1f{k}".encode()
+    return hashlib.sha256(raw).hexdigest()[:32]
+
+
+def process(state: Mapping[str, Any] | None, inp: Input, now: int, js: g.JourneySet) -> Result:
+    """Apply one input at time `now` to one user's state."""
+    if isinstance(inp, Event) and inp.name not in js.watched:
+        wake = next_wake(state)
+        if wake is None or wake > now:  # fast path: nothing to do for this event
+            return Result(dict(state) if state else new_state(), [], changed=False)
+    run = _Run(state, inp.user_id, js)
+    run.apply(inp, now)
+    return run.finish(now)
+
+
+class _Run:
+    """One call of `process`: a private copy of the state and the effects so far."""
+
+    def __init__(self, state: Mapping[str, Any] | None, user: str, js: g.JourneySet) -> None:
+        self.old_wake = next_wake(state)
+        self.st = _clone(state) if state else new_state()
+        self.user, self.js, self.fx = user, js, list[Effect]()
+        self.event_props: Mapping[str, Any] | None = None
+
+    # --- inputs ---------------------------------------------------------------------------
+
+    def apply(self, inp: Input, now: int) -> None:
+        clock = self.st["clock"]
+        self.advance(now)
+        if isinstance(inp, Event):
+            self.on_event(inp, now)
+        elif isinstance(inp, ProfileUpdate):
+            self.on_profile(inp.attributes, now)
+        elif isinstance(inp, Enroll):
+            j = self.js.journeys.get(inp.journey)
+            if j is not None and j.entry.enrolled:
+                self.try_enter(j, now, dict(inp.props), None)
+            elif j is not None:
+                self.count("skipped", j.id, "not_enrollable")
+        elif isinstance(inp, CallResult):
+            self.on_call_result(inp, now)
+        elif isinstance(inp, Feedback):
+            if inp.status in ("unreachable", "reachable"):
+                self.st["profile"][f"reachable_{inp.channel}"] = inp.status == "reachable"
+        elif not isinstance(inp, Tick):
+            raise TypeError(f"not an engine input: {inp!r}")
+        if clock > now:  # a late input may have started waits that are already over
+            self.advance(clock)
+
+    def finish(self, now: int) -> Result:
+        st = self.st
+        st["clock"] = max(st["clock"], now)
+        for jid in [j for j, d in st["done"].items() if d["until"] < st["clock"]]:
+            del st["done"][jid]
+        new = next_wake(st)
+        if new != self.old_wake:
+            if self.old_wake is not None:
+                self.fx.append(TimerCleared(self.user, self.old_wake))
+            if new is not None:
+                self.fx.append(TimerSet(self.user, new))
+        return Result(st, self.fx)
+
+    def on_event(self, ev: Event, t: int) -> None:
+        st, js = self.st, self.js
+        self.event_props = ev.props
+        before = self.segments_now(t) if js.segment_triggered else None
+        for c in js.counters_by_event.get(ev.name, ()):
+            if c.where(ev.props):
+                self.remember(c.id, ev.ts, c.keep_ms, c.keep_n)
+        for jid in sorted(st["inst"]):
+            j = self.journey_of(jid, t)
+            if j is None:
+                continue
+            if j.goal and j.goal.rule.event == ev.name and j.goal.rule.where(ev.props):
+                self.convert(j, t)
+                if j.goal.exit:
+                    self.exit(j, "converted", t)
+                    continue
+            if any(r.event == ev.name and r.where(ev.props) for r in j.exits):
+                self.exit(j, "exit_event", t)
+                continue
+            inst = st["inst"][jid]
+            node = j.steps[inst["step"]]
+            if isinstance(node, g.WaitFor) and node.event == ev.name and node.where(ev.props):
+                self.move(j, node.next, t)
+        for jid, done in list(st["done"].items()):
+            j = js.journeys.get(jid)
+            if j and j.goal and j.goal.rule.event == ev.name and t <= done["until"] and j.goal.rule.where(ev.props):
+                del st["done"][jid]
+                self.count("converted", jid, "after_exit")
+        for j in js.by_trigger.get(ev.name, ()):
+            if j.entry.where(ev.props):
+                self.try_enter(j, t, dict(ev.props), ev.event_id)
+        if before is not None:
+            self.segment_entries(before, t)
+        self.event_props = None
+
+    def on_profile(self, attrs: Mapping[str, Any], t: int) -> None:
+        before = self.segments_now(t) if self.js.segment_triggered else None
+        profile = self.st["profile"]
+        changed = {}
+        for k, v in attrs.items():
+            if profile.get(k) != v:
+                changed[k] = v
+                if v is None:
+                    profile.pop(k, None)
+                else:
+                    profile[k] = v
+        for j in self.js.journeys.values():
+            if j.entry.attribute_changed and j.entry.attribute_changed in changed:
+                self.try_enter(j, t, dict(attrs), None)
+        if before is not None:
+            self.segment_entries(before, t)
+
+    def on_call_result(self, res: CallResult, t: int) -> None:
+        for jid, inst in list(self.st["inst"].items()):
+            if inst.get("call") != res.key:
+                continue
+            j = self.journey_of(jid, t)
+            node = j.steps[inst["step"]] if j else None
+            if j is None or not isinstance(node, g.Call):
+                return
+            if res.ok:
+                inst["vars"] = {**inst["vars"], node.save_as: res.body}
+                self.move(j, node.next, t)
+            else:
+                self.count("step", jid, f"{node.id}:error")
+                self.move(j, node.on_error, t)
+            return
+
+    # --- segments --------------------------------------------------------------------------
+
+    def segments_now(self, t: int) -> dict[str, bool]:
+        names = {n for j in self.js.segment_triggered for n in (j.entry.segment_entered, j.entry.segment_left) if n}
+        return {n: self.in_segment(n, t) for n in sorted(names)}
+
+    def segment_entries(self, before: dict[str, bool], t: int) -> None:
+        after = self.segments_now(t)
+        for j in self.js.segment_triggered:
+            e = j.entry
+            if (e.segment_entered and after[e.segment_entered] and not before[e.segment_entered]) or (
+                e.segment_left and before[e.segment_left] and not after[e.segment_left]
+            ):
+                self.try_enter(j, t, {}, None)
+
+    def in_segment(self, name: str, t: int, inst: Mapping[str, Any] | None = None) -> bool:
+        cond = self.js.segments.get(name)
+        return bool(cond and cond(_Ctx(self, t, inst)))
+
+    # --- histories -------------------------------------------------------------------------
+
+    def remember(self, cid: str, ts: int, keep_ms: int | None, keep_n: int) -> None:
+        h = self.st["hist"].setdefault(cid, [])
+        bisect.insort(h, ts)
+        if keep_ms is not None:
+            horizon = max(h[-1], self.st["clock"]) - keep_ms
+            while h and h[0] < horizon:
+                h.pop(0)
+        del h[: max(0, len(h) - min(keep_n, MAX_HISTORY))]
+
+    def count_since(self, cid: str, since: int) -> int:
+        h = self.st["hist"].get(cid)
+        return len(h) - bisect.bisect_left(h, since) if h else 0
+
+    def last_seen(self, cid: str) -> int | None:
+        h = self.st["hist"].get(cid)
+        return h[-1] if h else None
+
+    # --- entering and leaving --------------------------------------------------------------
+
+    def try_enter(self, j: g.Journey, t: int, trigger: dict[str, Any], event_id: str | None) -> None:
+        e, st = j.entry, self.st
+        reason = None
+        if j.status != "active":
+            reason = j.status
+        elif (e.starts_at is not None and t < e.starts_at) or (e.ends_at is not None and t >= e.ends_at):
+            reason = "outside_schedule"
+        elif e.audience and not any(self.in_segment(s, t) for s in e.audience):
+            reason = "audience"
+        elif j.id in st["inst"] and not e.restart:
+            reason = "already_in_journey"
+        else:
+            hist = st["entries"].get(j.id, {"n": 0, "ts": []})
+            if e.once and hist["n"] > 0:
+                reason = "once"
+            elif e.lock is not None and hist["ts"] and t < hist["ts"][-1] + e.lock:
+                reason = "locked"
+            elif e.cap_max is not None:
+                recent = [x for x in hist["ts"] if e.cap_per is None or x > t - e.cap_per]
+                n = hist["n"] if e.cap_per is None else len(recent)
+                if n >= e.cap_max:
+                    reason = "capped"
+        if reason is not None:
+            self.count("skipped", j.id, reason)
+            return
+        if j.id in st["inst"]:
+            self.exit(j, "restarted", t)
+        hist = st["entries"].get(j.id, {"n": 0, "ts": []})
+        keep = max(e.cap_max or 1, 1)
+        st["entries"][j.id] = {"n": hist["n"] + 1, "ts": [*hist["ts"], t][-keep:]}
+        st["done"].pop(j.id, None)
+        st["inst"][j.id] = {
+            "v": j.version, "n": hist["n"] + 1, "step": j.first, "since": t, "wake": None, "k": 0,
+            "entered": t, "trigger": trigger, "tid": event_id, "vars": {}, "converted": False,
+        }
+        self.count("entered", j.id)
+        # an exit or goal event that happened after the trigger but was processed before it
+        if j.goal and (seen := self.last_seen(j.goal.rule.counter)) is not None and seen > t and (
+            j.goal.within is None or seen <= t + j.goal.within
+        ):
+            self.convert(j, seen)
+            if j.goal.exit:
+                self.exit(j, "converted", t)
+                return
+        if any((seen := self.last_seen(r.counter)) is not None and seen > t for r in j.exits):
+            self.exit(j, "exit_event", t)
+            return
+        self.run(j, t)
+
+    def convert(self, j: g.Journey, t: int) -> None:
+        inst = self.st["inst"][j.id]
+        if inst["converted"]:
+            return
+        assert j.goal is not None
+        if j.goal.within is None or t <= inst["entered"] + j.goal.within:
+            inst["converted"] = True
+            self.count("converted", j.id)
+
+    def exit(self, j: g.Journey, reason: str, t: int) -> None:
+        inst = self.st["inst"].pop(j.id)
+        self.count("exited", j.id, reason)
+        if j.goal and j.goal.within and not inst["converted"] and reason not in ("restarted",):
+            until = inst["entered"] + j.goal.within
+            if until >= t:
+                self.st["done"][j.id] = {"n": inst["n"], "until": until}
+
+    def journey_of(self, jid: str, t: int) -> g.Journey | None:
+        """The journey an instance runs, after applying edits; None if the instance had to leave."""
+        inst = self.st["inst"][jid]
+        j = self.js.journeys.get(jid)
+        if j is None:
+            del self.st["inst"][jid]
+            self.count("exited", jid, "journey_removed")
+            return None
+        if inst["v"] != j.version:
+            if inst["step"] not in j.steps:
+                self.exit(j, "step_removed", t)
+                return None
+            inst["v"] = j.version
+        return j
+
+    # --- running steps ---------------------------------------------------------------------
+
+    def advance(self, until: int) -> None:
+        """Run every instance whose wake time is <= until, earliest first, each at its own due time."""
+        while True:
+            due = [(i["wake"], jid) for jid, i in self.st["inst"].items() if i["wake"] is not None and i["wake"] <= until]
+            if not due:
+                return
+            wake, jid = min(due)
+            j = self.journey_of(jid, wake)
+            if j is not None:
+                self.wake(j, wake)
+
+    def wake(self, j: g.Journey, t: int) -> None:
+        inst = self.st["inst"][j.id]
+        inst["wake"] = None
+        if j.status == "paused":
+            inst["wake"] = t + PAUSE_RECHECK_MS
+            return
+        if j.status == "stopped":
+            self.exit(j, "journey_stopped", t)
+            return
+        node = j.steps[inst["step"]]
+        if isinstance(node, g.WaitFor):
+            self.count("step", j.id, f"{node.id}:timed_out")
+            self.move(j, node.on_timeout, t)
+        elif isinstance(node, g.Call):
+            inst.pop("call", None)
+            self.count("step", j.id, f"{node.id}:timed_out")
+            self.move(j, node.on_error, t)
+        elif isinstance(node, (g.Wait, g.WaitUntil, g.WaitWindow)):
+            self.move(j, node.next, t)
+        else:  # not a waiting step (e.g. after an edit): carry on from here
+            self.run(j, t)
+
+    def move(self, j: g.Journey, target: str, t: int) -> None:
+        inst = self.st["inst"][j.id]
+        if target == g.END:
+            self.exit(j, "completed", t)
+            return
+        inst.update(step=target, since=t, wake=None, k=inst["k"] + 1)
+        inst.pop("call", None)
+        self.run(j, t)
+
+    def run(self, j: g.Journey, t: int) -> None:
+        """Execute steps from the instance's current step until one waits or the journey ends."""
+        st = self.st
+        for _ in range(MAX_STEPS_PER_RUN):
+            inst = st["inst"][j.id]
+            node = j.steps[inst["step"]]
+            target: str
+            if isinstance(node, g.Send):
+                self.send(j, inst, node, t)
+                target = node.next
+            elif isinstance(node, g.Wait):
+                inst["wake"] = t + node.ms
+                return
+            elif isinstance(node, g.WaitUntil):
+                at = self.until(node, inst, t)
+                if at is None:
+                    if node.if_missing == "end":
+                        self.exit(j, "attribute_missing", t)
+                        return
+                    target = node.next
+                elif at > t:
+                    inst["wake"] = at
+                    return
+                else:
+                    target = node.next
+            elif isinstance(node, g.WaitWindow):
+                at = _next_window(node, t, st["profile"])
+                if at > t:
+                    inst["wake"] = at
+                    return
+                target = node.next
+            elif isinstance(node, g.WaitFor):
+                seen = self.last_seen(node.counter)
+                if seen is not None and seen > inst["since"]:
+                    target = node.next  # it already happened (processed before this step began)
+                else:
+                    inst["wake"] = t + node.timeout
+                    return
+            elif isinstance(node, g.Branch):
+                ctx = _Ctx(self, t, inst)
+                target = next((nxt for cond, nxt in node.cases if cond(ctx)), node.otherwise)
+            elif isinstance(node, g.Split):
+                bucket = int(hashlib.sha1(f"{j.id}|{self.user}|{inst['n']}|{node.id}".encode()).hexdigest()[:8], 16) % 100
+                target = next(nxt for upper, nxt in node.arms if bucket < upper)
+                if target == g.END:
+                    self.count("step", j.id, f"{node.id}:control")
+            elif isinstance(node, g.Update):
+                self.update_profile(node, inst, t)
+                target = node.next
+            elif isinstance(node, g.Call):
+                self.call(j, inst, node, t)
+                return
+            else:  # End
+                self.exit(j, "completed", t)
+                return
+            if target == g.END:
+                self.exit(j, "completed", t)
+                return
+            inst.update(step=target, since=t, wake=None, k=inst["k"] + 1)
+        self.exit(j, "loop_guard", t)
+
+    def context(self, j: g.Journey, inst: Mapping[str, Any]) -> dict[str, Any]:
+        return {
+            "trigger": inst["trigger"], "event": self.event_props if self.event_props is not None else inst["trigger"],
+            "profile": self.st["profile"], "vars": inst["vars"], "user": {"id": self.user},
+            "journey": {"id": j.id, "name": j.name, "version": j.version},
+        }
+
+    def send(self, j: g.Journey, inst: dict[str, Any], node: g.Send, t: int) -> None:
+        msg: g.Message | None = node.message
+        profile = self.st["profile"]
+        while msg is not None and not reachable(profile, msg.channel):
+            msg = msg.fallback
+        if msg is None:
+            self.count("unreachable", j.id, node.id)
+            return
+        key = idempotency_key(j.id, self.user, inst["n"], node.id, inst["k"])
+        req = self.render(j, inst, node.id, msg, key, t)
+        self.fx.append(req)
+        self.count("sent", j.id, msg.channel)
+
+    def render(self, j: g.Journey, inst: Mapping[str, Any], step: str, msg: g.Message, key: str, t: int) -> SendRequest:
+        ctx = self.context(j, inst)
+        fallback = None
+        if msg.fallback is not None:
+            fallback = self.render(j, inst, step, msg.fallback, key + ":" + msg.fallback.channel, t)
+        return SendRequest(
+            key=key, channel=msg.channel, user_id=self.user, journey=j.id, journey_version=j.version,
+            step=step, instance=inst["n"], template=msg.template,
+            content={k: v.render(ctx) for k, v in msg.content.items()},
+            data=render_value(msg.data, ctx), created_at=t, trigger_event_id=inst["tid"], fallback=fallback,
+        )
+
+    def update_profile(self, node: g.Update, inst: Mapping[str, Any], t: int) -> None:
+        profile, changes = self.st["profile"], dict[str, Any]()
+        for k, v in node.set.items():
+            changes[k] = profile[k] = v
+        for k, by in node.increment.items():
+            cur = profile.get(k, 0)
+            base = cur if isinstance(cur, (int, float)) and not isinstance(cur, bool) else 0
+            total = base + by
+            changes[k] = profile[k] = int(total) if float(total).is_integer() else total
+        for k in node.unset:
+            profile.pop(k, None)
+            changes[k] = None
+        self.fx.append(ProfileChanged(self.user, changes, t))
+
+    def call(self, j: g.Journey, inst: dict[str, Any], node: g.Call, t: int) -> None:
+        ctx = self.context(j, inst)
+        key = idempotency_key(j.id, self.user, inst["n"], node.id, inst["k"])
+        inst["call"] = key
+        inst["wake"] = t + node.timeout
+        self.fx.append(CallRequest(
+            key=key, user_id=self.user, journey=j.id, step=node.id, method=node.method,
+            url=node.url.render(ctx), headers=render_value(node.headers, ctx), body=render_value(node.body, ctx),
+            timeout_ms=node.timeout, created_at=t))
+
+    def until(self, node: g.WaitUntil, inst: Mapping[str, Any], t: int) -> int | None:
+        if node.at is not None:
+            return node.at
+        assert node.attribute is not None
+        base = _as_ms(self.st["profile"].get(node.attribute))
+        return None if base is None else base + node.offset
+
+    def count(self, kind: str, journey: str, detail: str = "") -> None:
+        self.fx.append(Count(kind, journey, detail))
+
+
+class _Ctx:
+    """What conditions see: profile, histories, segments, the instance's trigger and vars."""
+
+    __slots__ = ("inst", "now", "profile", "run", "trigger", "vars")
+
+    def __init__(self, run: _Run, now: int, inst: Mapping[str, Any] | None) -> None:
+        self.run, self.now, self.inst = run, now, inst
+        self.profile = run.st["profile"]
+        self.trigger = inst["trigger"] if inst else {}
+        self.vars = inst["vars"] if inst else {}
+
+    def count(self, counter: str, since: int) -> int:
+        return self.run.count_since(counter, since)
+
+    def in_segment(self, name: str) -> bool:
+        return self.run.in_segment(name, self.now, self.inst)
+
+
+def _clone(s: Mapping[str, Any]) -> State:
+    return {
+        "clock": s["clock"],
+        "inst": {k: dict(v) for k, v in s["inst"].items()},
+        "done": dict(s["done"]),
+        "entries": dict(s["entries"]),
+        "profile": dict(s["profile"]),
+        "hist": {k: list(v) for k, v in s["hist"].items()},
+        "segs": dict(s["segs"]),
+    }
+
+
+def _as_ms(v: Any) -> int | None:
+    """A profile date: epoch ms, or ISO-8601 text (a date alone means midnight UTC)."""
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, (int, float)):
+        return int(v)
+    if isinstance(v, str):
+        try:
+            d = dt.datetime.fromisoformat(v.replace("Z", "+00:00"))
+        except ValueError:
+            return None
+        if d.tzinfo is None:
+            d = d.replace(tzinfo=dt.UTC)
+        return int(d.timestamp() * 1000)
+    return None
+
+
+def _next_window(node: g.WaitWindow, t: int, profile: Mapping[str, Any]) -> int:
+    """The first moment >= t inside the allowed days and hours, in the user's or a fixed zone."""
+    tzname = node.timezone
+    if tzname.startswith("attribute:"):
+        tzname = str(profile.get(tzname.split(":", 1)[1]) or "UTC")
+    try:
+        tz: dt.tzinfo = zoneinfo.ZoneInfo(tzname)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        tz = dt.UTC
+    local = dt.datetime.fromtimestamp(t / 1000, tz)
+    for d in range(8):
+        day = (local + dt.timedelta(days=d)).date()
+        if day.weekday() not in node.days:
+            continue
+        midnight = dt.datetime(day.year, day.month, day.day, tzinfo=tz)
+        start = midnight + dt.timedelta(minutes=node.start_min)
+        end = midnight + dt.timedelta(minutes=node.end_min)
+        if start <= local < end:
+            return t
+        if local < start:
+            return int(start.timestamp() * 1000)
+    return t  # no allowed day at all cannot happen (days is non-empty); do not block forever

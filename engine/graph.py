@@ -1,0 +1,190 @@
+"""The compiled, immutable journey graph the engine runs.
+
+Built once by `engine.compiler` from validated journey files. Every step names its successors by
+id; 'end' (the constant END) leaves the journey.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.predicates import Cond, Counter, Filter
+from engine.templates import Text
+
+END = "end"
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    channel: str
+    template: str | None
+    content: Mapping[str, Text]
+    data: Mapping[str, Any]
+    fallback: Message | None
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    id: str
+    message: Message
+    next: str
+
+
+@dataclass(frozen=True, slots=True)
+class Wait:
+    id: str
+    ms: int
+    next: str
+
+
+@dataclass(frozen=True, slots=True)
+class WaitUntil:
+    id: str
+    at: int | None  # epoch ms, or None when relative to an attribute
+    attribute: str | None
+    offset: int
+    if_missing: str  # "continue" | "end"
+    next: str
+
+
+@dataclass(frozen=True, slots=True)
+class WaitWindow:
+    id: str
+    days: frozenset[int]  # 0 = Monday
+    start_min: int
+    end_min: int
+    timezone: str  # IANA name, or "attribute:<name>"
+    next: str
+
+
+@dataclass(frozen=True, slots=True)
+class WaitFor:
+    id: str
+    event: str
+    where: Filter = field(compare=False)
+    counter: str  # history id of (event, where): catches an event that arrived before the step
+    timeout: int
+    on_timeout: str
+    next: str
+
+
+@dataclass(frozen=True, slots=True)
+class Branch:
+    id: str
+    cases: tuple[tuple[Cond, str], ...]
+    otherwise: str
+
+
+@dataclass(frozen=True, slots=True)
+class Split:
+    id: str
+    arms: tuple[tuple[int, str], ...]  # (cumulative percent upper bound, next); control -> END
+
+
+@dataclass(frozen=True, slots=True)
+class Update:
+    id: str
+    set: Mapping[str, Any]
+    increment: Mapping[str, float]
+    unset: tuple[str, ...]
+    next: str
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    id: str
+    url: Text
+    method: str
+    headers: Mapping[str, Any]
+    body: Any
+    save_as: str
+    timeout: int
+    on_error: str
+    next: str
+
+
+@dataclass(frozen=True, slots=True)
+class End:
+    id: str
+
+
+Node = Send | Wait | WaitUntil | WaitWindow | WaitFor | Branch | Split | Update | Call | End
+BLOCKING = (Wait, WaitUntil, WaitWindow, WaitFor, Call)
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """An event rule (goal, exit): event name, filter, and the history id that remembers it."""
+
+    event: str
+    where: Filter = field(compare=False)
+    counter: str
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    event: str | None
+    where: Filter = field(compare=False)
+    segment_entered: str | None = None
+    segment_left: str | None = None
+    attribute_changed: str | None = None
+    enrolled: bool = False
+    audience: tuple[str, ...] = ()
+    once: bool = False
+    lock: int | None = None
+    cap_max: int | None = None
+    cap_per: int | None = None
+    restart: bool = False
+    starts_at: int | None = None
+    ends_at: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Goal:
+    rule: Rule
+    within: int | None
+    exit: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Journey:
+    id: str
+    name: str
+    version: int
+    status: str  # active | paused | stopped
+    entry: Entry
+    goal: Goal | None
+    exits: tuple[Rule, ...]
+    steps: Mapping[str, Node]
+    first: str
+    file: str
+
+
+@dataclass(frozen=True)
+class JourneySet:
+    """All loaded journeys, indexed for the hot path."""
+
+    journeys: Mapping[str, Journey]
+    segments: Mapping[str, Cond]
+    counters: tuple[Counter, ...]
+    by_trigger: Mapping[str, tuple[Journey, ...]] = field(init=False)
+    counters_by_event: Mapping[str, tuple[Counter, ...]] = field(init=False)
+    watched: frozenset[str] = field(init=False)  # event names that can change any state
+    segment_triggered: tuple[Journey, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        by_trigger: dict[str, list[Journey]] = {}
+        for j in self.journeys.values():
+            if j.entry.event:
+                by_trigger.setdefault(j.entry.event, []).append(j)
+        by_event: dict[str, list[Counter]] = {}
+        for c in self.counters:
+            by_event.setdefault(c.event, []).append(c)
+        watched = set(by_trigger) | set(by_event)
+        seg = tuple(j for j in self.journeys.values() if j.entry.segment_entered or j.entry.segment_left)
+        object.__setattr__(self, "by_trigger", {k: tuple(v) for k, v in by_trigger.items()})
+        object.__setattr__(self, "counters_by_event", {k: tuple(v) for k, v in by_event.items()})
+        object.__setattr__(self, "segment_triggered", seg)
+        object.__setattr__(self, "watched", frozenset(watched))

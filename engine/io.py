@@ -1,0 +1,151 @@
+"""What goes into the engine (inputs) and what comes out (effects). Plain, immutable data."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """Something a user did: page_viewed, add_to_cart, charged or any custom event."""
+
+    user_id: str
+    name: str
+    ts: int  # event time, epoch milliseconds
+    props: Mapping[str, Any] = field(default_factory=dict)
+    event_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Tick:
+    """A timer fired: the engine runs every step of this user that is due at `now`."""
+
+    user_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class ProfileUpdate:
+    """Profile attributes changed (None removes an attribute)."""
+
+    user_id: str
+    ts: int
+    attributes: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Enroll:
+    """A one-off entry of a user into a journey with `entry: {enrolled: true}` (CSV upload)."""
+
+    user_id: str
+    journey: str
+    ts: int
+    props: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class CallResult:
+    """The answer to a CallRequest (a webhook / recommendation API call)."""
+
+    user_id: str
+    key: str  # the CallRequest's key
+    ok: bool
+    body: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class Feedback:
+    """Delivery feedback from a sender: 'unreachable' or 'reachable' on a channel."""
+
+    user_id: str
+    channel: str
+    status: str
+
+
+Input = Event | Tick | ProfileUpdate | Enroll | CallResult | Feedback
+
+
+@dataclass(frozen=True, slots=True)
+class SendRequest:
+    """A message to deliver; goes onto the channel's topic. `key` is the idempotency key."""
+
+    key: str
+    channel: str
+    user_id: str
+    journey: str
+    journey_version: int
+    step: str
+    instance: int
+    template: str | None
+    content: Mapping[str, str]
+    data: Mapping[str, Any]
+    created_at: int
+    trigger_event_id: str | None = None
+    fallback: SendRequest | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "key": self.key, "channel": self.channel, "user_id": self.user_id,
+            "journey": self.journey, "journey_version": self.journey_version, "step": self.step,
+            "instance": self.instance, "template": self.template, "content": dict(self.content),
+            "data": dict(self.data), "created_at": self.created_at,
+            "trigger_event_id": self.trigger_event_id,
+            "fallback": self.fallback.to_dict() if self.fallback else None,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class CallRequest:
+    """Call an HTTP API for a user; the answer comes back as CallResult with the same key."""
+
+    key: str
+    user_id: str
+    journey: str
+    step: str
+    method: str
+    url: str
+    headers: Mapping[str, Any]
+    body: Any
+    timeout_ms: int
+    created_at: int
+
+
+@dataclass(frozen=True, slots=True)
+class Count:
+    """An analytics count: entered, skipped, exited, converted, sent, unreachable, step."""
+
+    kind: str
+    journey: str
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ProfileChanged:
+    """A journey's `update` step changed profile attributes (for a profile sink)."""
+
+    user_id: str
+    attributes: Mapping[str, Any]
+    ts: int
+
+
+@dataclass(frozen=True, slots=True)
+class TimerSet:
+    user_id: str
+    due: int
+
+
+@dataclass(frozen=True, slots=True)
+class TimerCleared:
+    user_id: str
+    due: int
+
+
+Effect = SendRequest | CallRequest | Count | ProfileChanged | TimerSet | TimerCleared
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    state: dict[str, Any]
+    effects: list[Effect]
+    changed: bool = True

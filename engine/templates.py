@@ -1,0 +1,68 @@
+"""Message personalisation: Jinja templates, sandboxed, compiled once at journey load.
+
+Context names: `trigger` (the entry event's properties), `event` (the current event's, or the
+trigger's when a timer moved the user on), `profile`, `vars` (saved API responses), `user`
+(`user.id`), `journey` (`journey.id`, `journey.name`). A missing value renders as empty text;
+`{{ trigger.product | default("your item") }}` gives a fallback.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from jinja2 import TemplateSyntaxError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+_TEXT = ImmutableSandboxedEnvironment(autoescape=False)
+_HTML = ImmutableSandboxedEnvironment(autoescape=True)  # event data must not inject markup
+
+
+class TemplateError(ValueError):
+    def __init__(self, problem: str, line: int | None) -> None:
+        self.line = line
+        super().__init__(problem)
+
+
+class Text:
+    """A compiled template string; plain strings skip Jinja entirely."""
+
+    __slots__ = ("_tpl", "source")
+
+    def __init__(self, source: str, html: bool = False) -> None:
+        self.source = source
+        self._tpl = None
+        if "{{" in source or "{%" in source:
+            try:
+                self._tpl = (_HTML if html else _TEXT).from_string(source)
+            except TemplateSyntaxError as e:
+                raise TemplateError(f"template error: {e.message}", e.lineno) from None
+
+    def render(self, ctx: Mapping[str, Any]) -> str:
+        if self._tpl is None:
+            return self.source
+        try:
+            return self._tpl.render(ctx)
+        except Exception as e:  # a bad value must not stop a journey; the text says what broke
+            return f"[template error: {type(e).__name__}]"
+
+
+def compile_value(value: Any, html: bool = False) -> Any:
+    """Templates inside nested data (e.g. a webhook body): strings become Text."""
+    if isinstance(value, str):
+        return Text(value, html)
+    if isinstance(value, Mapping):
+        return {k: compile_value(v, html) for k, v in value.items()}
+    if isinstance(value, list):
+        return [compile_value(v, html) for v in value]
+    return value
+
+
+def render_value(value: Any, ctx: Mapping[str, Any]) -> Any:
+    if isinstance(value, Text):
+        return value.render(ctx)
+    if isinstance(value, Mapping):
+        return {k: render_value(v, ctx) for k, v in value.items()}
+    if isinstance(value, list):
+        return [render_value(v, ctx) for v in value]
+    return value
