@@ -33,8 +33,18 @@ TABLE = "journey-state"
 class Runtime:
     """Everything the agent and the scanner share inside one worker process."""
 
-    def __init__(self, app: faust.App, table: Any, journeys: JourneySet, topics: Topics, output: Output,
-                 decoder: Decoder, grace_ms: int, fire_limit: int, inflight_limit: int) -> None:
+    def __init__(
+        self,
+        app: faust.App,
+        table: Any,
+        journeys: JourneySet,
+        topics: Topics,
+        output: Output,
+        decoder: Decoder,
+        grace_ms: int,
+        fire_limit: int,
+        inflight_limit: int,
+    ) -> None:
         self.app, self.table, self.topics, self.output = app, table, topics, output
         self.core = BatchCore(journeys, topics, decoder)
         self.scanner = TimerScanner(output, topics.ticks, self._db, grace_ms, fire_limit, inflight_limit)
@@ -51,8 +61,17 @@ class Runtime:
 
     async def process(self, events: Sequence[Any]) -> None:
         t0 = time.perf_counter()
-        msgs = [Message(e.message.topic, e.message.partition, e.message.offset, e.message.key, e.message.value,
-                        int(e.message.timestamp * 1000) if e.message.timestamp else None) for e in events]
+        msgs = [
+            Message(
+                e.message.topic,
+                e.message.partition,
+                e.message.offset,
+                e.message.key,
+                e.message.value,
+                int(e.message.timestamp * 1000) if e.message.timestamp else None,
+            )
+            for e in events
+        ]
         out = self.core.run(msgs, self)
         self._produce(out)
         await self.output.flush()
@@ -124,20 +143,48 @@ class Runtime:
         self.scanner.scan(int(time.time() * 1000))
 
 
-def build_app(*, app_id: str, bootstrap: str, data_dir: str, partitions: int, journeys: JourneySet,
-              topics: Topics, decoder: Decoder, batch_max: int = 1000, batch_within_ms: int = 50,
-              timer_interval_ms: int = 200, grace_ms: int = 0, fire_limit: int = 2000,
-              inflight_limit: int = 20000, session_timeout_s: float = 10, heartbeat_s: float = 2,
-              rebalance_timeout_s: float = 10, block_cache_mb: int = 32) -> tuple[faust.App, Runtime]:
+def build_app(
+    *,
+    app_id: str,
+    bootstrap: str,
+    data_dir: str,
+    partitions: int,
+    journeys: JourneySet,
+    topics: Topics,
+    decoder: Decoder,
+    batch_max: int = 1000,
+    batch_within_ms: int = 50,
+    timer_interval_ms: int = 200,
+    grace_ms: int = 0,
+    fire_limit: int = 2000,
+    inflight_limit: int = 20000,
+    session_timeout_s: float = 10,
+    heartbeat_s: float = 2,
+    rebalance_timeout_s: float = 10,
+    block_cache_mb: int = 32,
+) -> tuple[faust.App, Runtime]:
     app = faust.App(
-        app_id, broker=f"kafka://{bootstrap}", store="rocksdb://", datadir=data_dir,
-        topic_partitions=partitions, consumer_auto_offset_reset="earliest", web_enabled=False,
-        producer_linger_ms=5, broker_session_timeout=session_timeout_s, broker_heartbeat_interval=heartbeat_s,
-        broker_rebalance_timeout=rebalance_timeout_s, topic_allow_declare=True,
+        app_id,
+        broker=f"kafka://{bootstrap}",
+        store="rocksdb://",
+        datadir=data_dir,
+        topic_partitions=partitions,
+        consumer_auto_offset_reset="earliest",
+        web_enabled=False,
+        producer_linger_ms=5,
+        broker_session_timeout=session_timeout_s,
+        broker_heartbeat_interval=heartbeat_s,
+        broker_rebalance_timeout=rebalance_timeout_s,
+        topic_allow_declare=True,
     )
-    table = app.Table(TABLE, partitions=partitions, key_type=bytes, value_type=bytes,
-                      options={"driver": "rocksdict", "block_cache_size": block_cache_mb * 1024 * 1024},
-                      help="per-user journey state and the timer index")
+    table = app.Table(
+        TABLE,
+        partitions=partitions,
+        key_type=bytes,
+        value_type=bytes,
+        options={"driver": "rocksdict", "block_cache_size": block_cache_mb * 1024 * 1024},
+        help="per-user journey state and the timer index",
+    )
     source = app.topic(*topics.inputs, key_serializer="raw", value_serializer="raw", partitions=partitions)
     output = Output(bootstrap)
     runtime = Runtime(app, table, journeys, topics, output, decoder, grace_ms, fire_limit, inflight_limit)

@@ -81,8 +81,9 @@ class StateReader(Protocol):
 
 
 class BatchCore:
-    def __init__(self, journeys: JourneySet, topics: Topics, decoder: Decoder,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, journeys: JourneySet, topics: Topics, decoder: Decoder, clock: Callable[[], float] = time.time
+    ) -> None:
         self.journeys, self.topics, self.decoder, self.clock = journeys, topics, decoder, clock
         self.ticks_topic = topics.ticks
 
@@ -154,20 +155,36 @@ class BatchCore:
 
     def _dead(self, m: Message, bad: Invalid, out: BatchOutput) -> None:
         out.invalid.append((m.topic, bad.reason))
-        out.records.append(Record(
-            self.topics.dead_letter, m.key, m.value or b"",
-            [("reason", bad.reason.encode()), ("detail", bad.detail.encode()),
-             ("source_topic", m.topic.encode()), ("source_partition", str(m.partition).encode()),
-             ("source_offset", str(m.offset).encode())]))
+        out.records.append(
+            Record(
+                self.topics.dead_letter,
+                m.key,
+                m.value or b"",
+                [
+                    ("reason", bad.reason.encode()),
+                    ("detail", bad.detail.encode()),
+                    ("source_topic", m.topic.encode()),
+                    ("source_partition", str(m.partition).encode()),
+                    ("source_offset", str(m.offset).encode()),
+                ],
+            )
+        )
 
-    def _effects(self, effects: Iterable[Any], p: int, out: BatchOutput,
-                 timer_ops: dict[int, dict[tuple[int, str], bool]]) -> None:
+    def _effects(
+        self, effects: Iterable[Any], p: int, out: BatchOutput, timer_ops: dict[int, dict[tuple[int, str], bool]]
+    ) -> None:
         for fx in effects:
             if isinstance(fx, Count):
                 out.counts.append(fx)
             elif isinstance(fx, SendRequest):
-                out.records.append(Record(self.topics.channel(fx.channel), fx.user_id.encode(),
-                                          orjson.dumps(fx.to_dict()), [("idempotency_key", fx.key.encode())]))
+                out.records.append(
+                    Record(
+                        self.topics.channel(fx.channel),
+                        fx.user_id.encode(),
+                        orjson.dumps(fx.to_dict()),
+                        [("idempotency_key", fx.key.encode())],
+                    )
+                )
                 out.sends[fx.channel] = out.sends.get(fx.channel, 0) + 1
             elif isinstance(fx, TimerSet):
                 timer_ops.setdefault(p, {})[(fx.due, fx.user_id)] = True
@@ -181,10 +198,31 @@ class BatchCore:
                     ops[(fx.due, fx.user_id)] = False
                 out.timers_cleared[p] = out.timers_cleared.get(p, 0) + 1
             elif isinstance(fx, ProfileChanged):
-                out.records.append(Record(self.topics.profile_changes, fx.user_id.encode(), orjson.dumps(
-                    {"user_id": fx.user_id, "ts": fx.ts, "attributes": fx.attributes})))
+                out.records.append(
+                    Record(
+                        self.topics.profile_changes,
+                        fx.user_id.encode(),
+                        orjson.dumps({"user_id": fx.user_id, "ts": fx.ts, "attributes": fx.attributes}),
+                    )
+                )
             elif isinstance(fx, CallRequest):
-                out.records.append(Record(self.topics.calls, fx.user_id.encode(), orjson.dumps({
-                    "key": fx.key, "user_id": fx.user_id, "journey": fx.journey, "step": fx.step,
-                    "method": fx.method, "url": fx.url, "headers": fx.headers, "body": fx.body,
-                    "timeout_ms": fx.timeout_ms, "created_at": fx.created_at})))
+                out.records.append(
+                    Record(
+                        self.topics.calls,
+                        fx.user_id.encode(),
+                        orjson.dumps(
+                            {
+                                "key": fx.key,
+                                "user_id": fx.user_id,
+                                "journey": fx.journey,
+                                "step": fx.step,
+                                "method": fx.method,
+                                "url": fx.url,
+                                "headers": fx.headers,
+                                "body": fx.body,
+                                "timeout_ms": fx.timeout_ms,
+                                "created_at": fx.created_at,
+                            }
+                        ),
+                    )
+                )

@@ -11,19 +11,27 @@ ENTRIES = Counter("nudgeflow_journey_entries_total", "Users entering a journey",
 SKIPPED = Counter("nudgeflow_journey_entries_skipped_total", "Entries refused", ["journey", "reason"])
 EXITS = Counter("nudgeflow_journey_exits_total", "Users leaving a journey", ["journey", "reason"])
 CONVERSIONS = Counter("nudgeflow_journey_conversions_total", "Goals reached", ["journey"])
-STEPS = Counter("nudgeflow_journey_step_outcomes_total", "Branch outcomes (timed_out, control, error)",
-                ["journey", "outcome"])
+STEPS = Counter(
+    "nudgeflow_journey_step_outcomes_total", "Branch outcomes (timed_out, control, error)", ["journey", "outcome"]
+)
 UNREACHABLE = Counter("nudgeflow_unreachable_total", "Sends skipped: no reachable channel", ["journey", "step"])
 SENDS = Counter("nudgeflow_send_requests_total", "Send requests produced", ["channel", "journey"])
 PENDING_TIMERS = Gauge("nudgeflow_pending_timers", "Timers waiting in the index", ["partition"])
 TIMERS_FIRED = Counter("nudgeflow_timers_fired_total", "Timer ticks emitted by the scanner")
 TIMERS_CLEARED = Counter("nudgeflow_timers_cleared_total", "Timers removed from the index (fired or cancelled)")
-TIMER_LATENESS = Histogram("nudgeflow_timer_lateness_seconds", "Processing time minus due time of fired timers",
-                           buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 3600))
-BATCH_SIZE = Histogram("nudgeflow_batch_size", "Messages per processed batch",
-                       buckets=(1, 10, 50, 100, 250, 500, 1000, 2000, 5000))
-BATCH_SECONDS = Histogram("nudgeflow_batch_seconds", "Time to process and durably write one batch",
-                          buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
+TIMER_LATENESS = Histogram(
+    "nudgeflow_timer_lateness_seconds",
+    "Processing time minus due time of fired timers",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 3600),
+)
+BATCH_SIZE = Histogram(
+    "nudgeflow_batch_size", "Messages per processed batch", buckets=(1, 10, 50, 100, 250, 500, 1000, 2000, 5000)
+)
+BATCH_SECONDS = Histogram(
+    "nudgeflow_batch_seconds",
+    "Time to process and durably write one batch",
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)
 RESTORE_SECONDS = Gauge("nudgeflow_restore_seconds", "Duration of the last state restore after a rebalance")
 
 

@@ -21,8 +21,13 @@ class DeliveryError(NudgeflowError):
 
 class Output:
     def __init__(self, bootstrap: str, extra: dict[str, Any] | None = None) -> None:
-        conf = {"bootstrap.servers": bootstrap, "enable.idempotence": True, "linger.ms": 5,
-                "log_level": 3, **(extra or {})}
+        conf = {
+            "bootstrap.servers": bootstrap,
+            "enable.idempotence": True,
+            "linger.ms": 5,
+            "log_level": 3,
+            **(extra or {}),
+        }
         self.producer = Producer(conf)
         self.failed: list[KafkaError] = []
 
@@ -30,8 +35,14 @@ class Output:
         if err is not None:
             self.failed.append(err)
 
-    def produce(self, topic: str, value: bytes | None, key: bytes | None = None, partition: int | None = None,
-                headers: list[tuple[str, bytes]] | None = None) -> None:
+    def produce(
+        self,
+        topic: str,
+        value: bytes | None,
+        key: bytes | None = None,
+        partition: int | None = None,
+        headers: list[tuple[str, bytes]] | None = None,
+    ) -> None:
         kwargs: dict[str, Any] = {"key": key, "value": value, "on_delivery": self._delivered}
         if partition is not None:
             kwargs["partition"] = partition

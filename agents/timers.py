@@ -26,8 +26,15 @@ from agents.output import Output
 
 
 class TimerScanner:
-    def __init__(self, output: Output, ticks_topic: str, db_for: Callable[[int], Any], grace_ms: int,
-                 fire_limit: int, inflight_limit: int) -> None:
+    def __init__(
+        self,
+        output: Output,
+        ticks_topic: str,
+        db_for: Callable[[int], Any],
+        grace_ms: int,
+        fire_limit: int,
+        inflight_limit: int,
+    ) -> None:
         self.output, self.ticks_topic, self.db_for = output, ticks_topic, db_for
         self.grace_ms, self.fire_limit, self.inflight_limit = grace_ms, fire_limit, inflight_limit
         self.cursor: dict[int, bytes] = {}
@@ -94,8 +101,9 @@ class TimerScanner:
                 due, user = parse_timer_key(key)
                 if due > limit_due:
                     break
-                self.output.produce(self.ticks_topic, orjson.dumps({"user_id": user, "due": due}),
-                                    key=user.encode(), partition=p)
+                self.output.produce(
+                    self.ticks_topic, orjson.dumps({"user_id": user, "due": due}), key=user.encode(), partition=p
+                )
                 self.cursor[p] = key + b"\x00"  # the next possible key after this one
                 n += 1
                 it.next()

@@ -26,8 +26,9 @@ class ConsoleProvider:
 
     async def deliver(self, req: SendRequestModel) -> None:
         text = req.content.get("title") or req.content.get("subject") or req.content.get("text") or req.template
-        self.out.write(f"[{req.channel}] user={req.user_id} journey={req.journey}/{req.step} "
-                       f"key={req.key[:12]} :: {text}\n")
+        self.out.write(
+            f"[{req.channel}] user={req.user_id} journey={req.journey}/{req.step} key={req.key[:12]} :: {text}\n"
+        )
         self.out.flush()
 
     async def close(self) -> None:

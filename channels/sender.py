@@ -42,16 +42,32 @@ class DeliveredKeys:
 
 
 class Sender:
-    def __init__(self, bootstrap: str, channel: str, provider: Provider, topics: Topics, group: str,
-                 state_dir: Path, session_timeout_ms: int = 10000) -> None:
+    def __init__(
+        self,
+        bootstrap: str,
+        channel: str,
+        provider: Provider,
+        topics: Topics,
+        group: str,
+        state_dir: Path,
+        session_timeout_ms: int = 10000,
+    ) -> None:
         self.channel, self.provider, self.topics = channel, provider, topics
-        self.consumer = Consumer({
-            "bootstrap.servers": bootstrap, "group.id": group, "auto.offset.reset": "earliest",
-            "enable.auto.commit": False, "session.timeout.ms": session_timeout_ms, "log_level": 3})
+        self.consumer = Consumer(
+            {
+                "bootstrap.servers": bootstrap,
+                "group.id": group,
+                "auto.offset.reset": "earliest",
+                "enable.auto.commit": False,
+                "session.timeout.ms": session_timeout_ms,
+                "log_level": 3,
+            }
+        )
         # murmur2: the partitioner the input topics are expected to use (Java clients' default), so
         # feedback lands on the partition that holds the user's state.
-        self.producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "log_level": 3,
-                                  "partitioner": "murmur2_random"})
+        self.producer = Producer(
+            {"bootstrap.servers": bootstrap, "linger.ms": 5, "log_level": 3, "partitioner": "murmur2_random"}
+        )
         self.keys = DeliveredKeys(state_dir / f"sender-{channel}")
         self.delivered = self.duplicates = self.unreachable = self.invalid = 0
         self._stop = False
@@ -103,13 +119,17 @@ class Sender:
                 self._feedback(req.user_id, "unreachable")
                 if req.fallback:
                     fb = req.fallback
-                    self.producer.produce(self.topics.channel(fb.channel), key=fb.user_id.encode(),
-                                          value=orjson.dumps(fb.model_dump()))
+                    self.producer.produce(
+                        self.topics.channel(fb.channel), key=fb.user_id.encode(), value=orjson.dumps(fb.model_dump())
+                    )
             self.keys.add(req.key)
 
     def _feedback(self, user: str, status: str) -> None:
-        self.producer.produce(self.topics.feedback, key=user.encode(), value=orjson.dumps(
-            {"user_id": user, "type": "feedback", "channel": self.channel, "status": status}))
+        self.producer.produce(
+            self.topics.feedback,
+            key=user.encode(),
+            value=orjson.dumps({"user_id": user, "type": "feedback", "channel": self.channel, "status": status}),
+        )
 
 
 def run_sender(sender: Sender) -> None:

@@ -114,10 +114,15 @@ def compile_journey(raw: Any, file: str, reg: CounterRegistry, segments: set[str
     # entry
     e = jf.entry
     triggers = [x for x in (e.event, e.segment_entered, e.segment_left, e.attribute_changed) if x] + (
-        ["enrolled"] if e.enrolled else [])
+        ["enrolled"] if e.enrolled else []
+    )
     if len(triggers) != 1:
-        errors.append(CompileError(("entry",), "entry needs exactly one of event, segment_entered, "
-                                               "segment_left, attribute_changed, enrolled"))
+        errors.append(
+            CompileError(
+                ("entry",),
+                "entry needs exactly one of event, segment_entered, segment_left, attribute_changed, enrolled",
+            )
+        )
     for key, seg in (("segment_entered", e.segment_entered), ("segment_left", e.segment_left)):
         if seg and seg not in segments:
             errors.append(CompileError(("entry", key), f"unknown segment '{seg}'; define it in segments.yaml"))
@@ -127,18 +132,28 @@ def compile_journey(raw: Any, file: str, reg: CounterRegistry, segments: set[str
     if e.eligibility == "once" and (e.lock or e.cap):
         errors.append(CompileError(("entry", "eligibility"), "lock and cap only apply to eligibility: multiple"))
     entry = g.Entry(
-        event=e.event, where=where(e.where, ("entry", "where")), segment_entered=e.segment_entered,
-        segment_left=e.segment_left, attribute_changed=e.attribute_changed, enrolled=e.enrolled,
-        audience=tuple(e.audience), once=e.eligibility == "once",
+        event=e.event,
+        where=where(e.where, ("entry", "where")),
+        segment_entered=e.segment_entered,
+        segment_left=e.segment_left,
+        attribute_changed=e.attribute_changed,
+        enrolled=e.enrolled,
+        audience=tuple(e.audience),
+        once=e.eligibility == "once",
         lock=parse_duration(e.lock) if e.lock else None,
         cap_max=e.cap.max if e.cap else None,
         cap_per=parse_duration(e.cap.per) if e.cap and e.cap.per else None,
         restart=e.while_active == "restart",
-        starts_at=_ms(e.starts_at) if e.starts_at else None, ends_at=_ms(e.ends_at) if e.ends_at else None)
+        starts_at=_ms(e.starts_at) if e.starts_at else None,
+        ends_at=_ms(e.ends_at) if e.ends_at else None,
+    )
     goal = None
     if jf.goal:
-        goal = g.Goal(rule(jf.goal.event, jf.goal.where, ("goal", "where")),
-                      parse_duration(jf.goal.within) if jf.goal.within else None, jf.goal.exit)
+        goal = g.Goal(
+            rule(jf.goal.event, jf.goal.where, ("goal", "where")),
+            parse_duration(jf.goal.within) if jf.goal.within else None,
+            jf.goal.exit,
+        )
     exits = tuple(rule(x.event, x.where, ("exit_when", i, "where")) for i, x in enumerate(jf.exit_when))
 
     # steps
@@ -152,8 +167,9 @@ def compile_journey(raw: Any, file: str, reg: CounterRegistry, segments: set[str
         kinds = [k for k in s.STEP_KINDS if k in raw_step]
         if len(kinds) != 1:
             what = "none" if not kinds else ", ".join(kinds)
-            errors.append(CompileError(path, f"a step needs exactly one action ({', '.join(s.STEP_KINDS)}); "
-                                             f"found {what}"))
+            errors.append(
+                CompileError(path, f"a step needs exactly one action ({', '.join(s.STEP_KINDS)}); found {what}")
+            )
             continue
         kind = kinds[0]
         try:
@@ -197,8 +213,7 @@ def _message(m: s.Content, channel: str, fallback: s.Fallback | None, path: Path
     return g.Message(channel, m.template, content, data, fb)
 
 
-def _node(kind: str, sid: str, st: Any, follow: str, path: Path, where: Any, cond: Any,
-          reg: CounterRegistry) -> g.Node:
+def _node(kind: str, sid: str, st: Any, follow: str, path: Path, where: Any, cond: Any, reg: CounterRegistry) -> g.Node:
     nxt = getattr(st, "next", None) or follow
     if kind == "send":
         return g.Send(sid, _message(st, st.send, st.fallback, path), nxt)
@@ -224,8 +239,15 @@ def _node(kind: str, sid: str, st: Any, follow: str, path: Path, where: Any, con
         return g.WaitWindow(sid, frozenset(DAYS[d] for d in w.days), start, end, tz, nxt)
     if kind == "wait_for":
         spec = st.where
-        return g.WaitFor(sid, st.wait_for, where(spec, (*path, "where")), reg.need(st.wait_for, spec, None, 1),
-                         parse_duration(st.timeout), st.on_timeout, nxt)
+        return g.WaitFor(
+            sid,
+            st.wait_for,
+            where(spec, (*path, "where")),
+            reg.need(st.wait_for, spec, None, 1),
+            parse_duration(st.timeout),
+            st.on_timeout,
+            nxt,
+        )
     if kind == "if":
         return g.Branch(sid, ((cond(st.if_, (*path, "if")), st.then or follow),), st.else_ or follow)
     if kind == "branch":
@@ -251,8 +273,17 @@ def _node(kind: str, sid: str, st: Any, follow: str, path: Path, where: Any, con
             body, headers = compile_value(st.body), compile_value(st.headers)
         except TemplateError as e:
             raise CompileError(path, str(e)) from None
-        return g.Call(sid, _text(st.call, (*path, "call")), st.method, headers, body, st.save_as,
-                      parse_duration(st.timeout), st.on_error or follow, nxt)
+        return g.Call(
+            sid,
+            _text(st.call, (*path, "call")),
+            st.method,
+            headers,
+            body,
+            st.save_as,
+            parse_duration(st.timeout),
+            st.on_error or follow,
+            nxt,
+        )
     return g.End(sid)
 
 
@@ -301,7 +332,7 @@ def _check_graph(nodes: dict[str, g.Node], ids: list[str]) -> list[CompileError]
         for _, t in _successors(nodes[sid]):
             if t in instant:
                 if state.get(t) == 1:
-                    loop = [*trail[trail.index(t):], t] if t in trail else [sid, t]
+                    loop = [*trail[trail.index(t) :], t] if t in trail else [sid, t]
                     errors.append(CompileError(("steps", sid), "steps loop without a wait: " + " -> ".join(loop)))
                 elif t not in state:
                     visit(t, [*trail, t])

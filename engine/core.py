@@ -271,13 +271,25 @@ class _Run:
         st["entries"][j.id] = {"n": hist["n"] + 1, "ts": [*hist["ts"], t][-keep:]}
         st["done"].pop(j.id, None)
         st["inst"][j.id] = {
-            "v": j.version, "n": hist["n"] + 1, "step": j.first, "since": t, "wake": None, "k": 0,
-            "entered": t, "trigger": trigger, "tid": event_id, "vars": {}, "converted": False,
+            "v": j.version,
+            "n": hist["n"] + 1,
+            "step": j.first,
+            "since": t,
+            "wake": None,
+            "k": 0,
+            "entered": t,
+            "trigger": trigger,
+            "tid": event_id,
+            "vars": {},
+            "converted": False,
         }
         self.count("entered", j.id)
         # an exit or goal event that happened after the trigger but was processed before it
-        if j.goal and (seen := self.last_seen(j.goal.rule.counter)) is not None and seen > t and (
-            j.goal.within is None or seen <= t + j.goal.within
+        if (
+            j.goal
+            and (seen := self.last_seen(j.goal.rule.counter)) is not None
+            and seen > t
+            and (j.goal.within is None or seen <= t + j.goal.within)
         ):
             self.convert(j, seen)
             if j.goal.exit:
@@ -325,7 +337,9 @@ class _Run:
     def advance(self, until: int) -> None:
         """Run every instance whose wake time is <= until, earliest first, each at its own due time."""
         while True:
-            due = [(i["wake"], jid) for jid, i in self.st["inst"].items() if i["wake"] is not None and i["wake"] <= until]
+            due = [
+                (i["wake"], jid) for jid, i in self.st["inst"].items() if i["wake"] is not None and i["wake"] <= until
+            ]
             if not due:
                 return
             wake, jid = min(due)
@@ -406,7 +420,9 @@ class _Run:
                 ctx = _Ctx(self, t, inst)
                 target = next((nxt for cond, nxt in node.cases if cond(ctx)), node.otherwise)
             elif isinstance(node, g.Split):
-                bucket = int(hashlib.sha1(f"{j.id}|{self.user}|{inst['n']}|{node.id}".encode()).hexdigest()[:8], 16) % 100
+                bucket = (
+                    int(hashlib.sha1(f"{j.id}|{self.user}|{inst['n']}|{node.id}".encode()).hexdigest()[:8], 16) % 100
+                )
                 target = next(nxt for upper, nxt in node.arms if bucket < upper)
                 if target == g.END:
                     self.count("step", j.id, f"{node.id}:control")
@@ -427,8 +443,11 @@ class _Run:
 
     def context(self, j: g.Journey, inst: Mapping[str, Any]) -> dict[str, Any]:
         return {
-            "trigger": inst["trigger"], "event": self.event_props if self.event_props is not None else inst["trigger"],
-            "profile": self.st["profile"], "vars": inst["vars"], "user": {"id": self.user},
+            "trigger": inst["trigger"],
+            "event": self.event_props if self.event_props is not None else inst["trigger"],
+            "profile": self.st["profile"],
+            "vars": inst["vars"],
+            "user": {"id": self.user},
             "journey": {"id": j.id, "name": j.name, "version": j.version},
         }
 
@@ -451,10 +470,19 @@ class _Run:
         if msg.fallback is not None:
             fallback = self.render(j, inst, step, msg.fallback, key + ":" + msg.fallback.channel, t)
         return SendRequest(
-            key=key, channel=msg.channel, user_id=self.user, journey=j.id, journey_version=j.version,
-            step=step, instance=inst["n"], template=msg.template,
+            key=key,
+            channel=msg.channel,
+            user_id=self.user,
+            journey=j.id,
+            journey_version=j.version,
+            step=step,
+            instance=inst["n"],
+            template=msg.template,
             content={k: v.render(ctx) for k, v in msg.content.items()},
-            data=render_value(msg.data, ctx), created_at=t, trigger_event_id=inst["tid"], fallback=fallback,
+            data=render_value(msg.data, ctx),
+            created_at=t,
+            trigger_event_id=inst["tid"],
+            fallback=fallback,
         )
 
     def update_profile(self, node: g.Update, inst: Mapping[str, Any], t: int) -> None:
@@ -476,10 +504,20 @@ class _Run:
         key = idempotency_key(j.id, self.user, inst["n"], node.id, inst["k"])
         inst["call"] = key
         inst["wake"] = t + node.timeout
-        self.fx.append(CallRequest(
-            key=key, user_id=self.user, journey=j.id, step=node.id, method=node.method,
-            url=node.url.render(ctx), headers=render_value(node.headers, ctx), body=render_value(node.body, ctx),
-            timeout_ms=node.timeout, created_at=t))
+        self.fx.append(
+            CallRequest(
+                key=key,
+                user_id=self.user,
+                journey=j.id,
+                step=node.id,
+                method=node.method,
+                url=node.url.render(ctx),
+                headers=render_value(node.headers, ctx),
+                body=render_value(node.body, ctx),
+                timeout_ms=node.timeout,
+                created_at=t,
+            )
+        )
 
     def until(self, node: g.WaitUntil, inst: Mapping[str, Any], t: int) -> int | None:
         if node.at is not None:

@@ -58,8 +58,9 @@ def load_texts(texts: dict[str, str]) -> JourneySet:
     return compile_documents(docs, errors)
 
 
-def compile_documents(docs: list[tuple[str, Any, dict[tuple[str | int, ...], int]]],
-                      errors: list[JourneyFileError]) -> JourneySet:
+def compile_documents(
+    docs: list[tuple[str, Any, dict[tuple[str | int, ...], int]]], errors: list[JourneyFileError]
+) -> JourneySet:
     reg = CounterRegistry()
     segments: dict[str, Any] = {}
 

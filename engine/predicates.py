@@ -93,14 +93,18 @@ def _cmp(op: str, want: Any) -> Callable[[Any], bool]:
         if not isinstance(want, list):
             raise SpecError((op,), f"'{op}' needs a list, e.g. {op}: [a, b]")
         options = list(want)
-        inside: Callable[[Any], bool] = lambda v: v is not _MISSING and any(  # noqa: E731
-            v == o or (_num(v) is not None and _num(v) == _num(o)) for o in options)
+
+        def inside(v: Any) -> bool:
+            return v is not _MISSING and any(v == o or (_num(v) is not None and _num(v) == _num(o)) for o in options)
+
         return inside if op == "in" else (lambda v: not inside(v))
     if op == "contains":
+
         def contains(v: Any) -> bool:
             if isinstance(v, str) and isinstance(want, str):
                 return want.lower() in v.lower()
             return isinstance(v, list) and want in v
+
         return contains
     if op == "starts_with":
         if not isinstance(want, str):
@@ -124,17 +128,16 @@ def compile_where(spec: Any) -> Filter:
             parts.append(_any(subs) if key == "any" else _all(subs))
         elif key == "not":
             sub = _nest((key,), compile_where, want)
-            parts.append(lambda p, s=sub: not s(p))
+            parts.append(_negate(sub))
         elif isinstance(want, Mapping):
             if not want:
                 raise SpecError((key,), f"empty operator mapping for '{key}'")
             checks = [_nest((key,), _cmp, op, v) for op, v in want.items()]
-            parts.append(lambda p, k=key, cs=checks: all(c(get_path(p, k)) for c in cs))
+            parts.append(_prop(key, checks))
         elif isinstance(want, list):
             raise SpecError((key,), f"a list needs an operator: {key}: {{in: [...]}}")
         else:
-            eq = _cmp("eq", want)
-            parts.append(lambda p, k=key, c=eq: c(get_path(p, k)))
+            parts.append(_prop(key, [_cmp("eq", want)]))
     return _all(parts)
 
 
@@ -143,6 +146,17 @@ def _nest(prefix: tuple[str | int, ...], fn: Callable[..., Any], *args: Any) -> 
         return fn(*args)
     except SpecError as e:
         raise SpecError(prefix + e.path, e.problem) from None
+
+
+def _negate(f: Filter) -> Filter:
+    return lambda p: not f(p)
+
+
+def _prop(key: str, checks: list[Callable[[Any], bool]]) -> Filter:
+    if len(checks) == 1:
+        (check,) = checks
+        return lambda p: check(get_path(p, key))
+    return lambda p: all(c(get_path(p, key)) for c in checks)
 
 
 def _always(_: Props) -> bool:
@@ -259,8 +273,11 @@ def compile_condition(spec: Any, reg: CounterRegistry, segments: set[str] | None
         (key,) = keys
         f = _nest((key,), compile_where, spec[key])
         return (lambda c: f(c.trigger)) if key == "trigger" else (lambda c: f(c.vars))
-    raise SpecError((), f"unknown condition {sorted(keys)}; use attribute, in_segment, has_done, "
-                        "reachable, trigger, vars, all, any or not")
+    raise SpecError(
+        (),
+        f"unknown condition {sorted(keys)}; use attribute, in_segment, has_done, "
+        "reachable, trigger, vars, all, any or not",
+    )
 
 
 def _has_done(spec: Mapping[str, Any], reg: CounterRegistry) -> Cond:

@@ -45,8 +45,10 @@ SignedDuration = Annotated[str, AfterValidator(_signed_duration), Field(examples
 StepRef = Annotated[str, Field(pattern=ID_PATTERN, description="a step id, or 'end'")]
 Where = Annotated[
     dict[str, Any],
-    Field(description="property filter: {prop: value} or {prop: {eq|ne|gt|gte|lt|lte|in|contains|exists: v}}"
-          ", combined with any/all/not"),
+    Field(
+        description="property filter: {prop: value} or {prop: {eq|ne|gt|gte|lt|lte|in|contains|exists: v}}"
+        ", combined with any/all/not"
+    ),
 ]
 Condition = Annotated[
     dict[str, Any],
@@ -79,7 +81,8 @@ class Entry(Model):
     lock: Duration | None = Field(None, description="after an entry, no new entry for this long")
     cap: Cap | None = None
     while_active: Literal["ignore", "restart"] = Field(
-        "ignore", description="a new trigger while the user is in the journey: ignore it, or restart")
+        "ignore", description="a new trigger while the user is in the journey: ignore it, or restart"
+    )
     starts_at: dt.datetime | None = None
     ends_at: dt.datetime | None = None
 
@@ -141,7 +144,14 @@ class WaitUntilStep(Model):
 
 class Window(Model):
     days: list[Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]] = [
-        "mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+        "mon",
+        "tue",
+        "wed",
+        "thu",
+        "fri",
+        "sat",
+        "sun",
+    ]
     start: str = Field("00:00", pattern=r"^\d\d:\d\d$", alias="from")
     end: str = Field("24:00", pattern=r"^\d\d:\d\d$", alias="to")
     timezone: str = Field("UTC", description="IANA zone; or 'attribute:<name>' for the user's own")

@@ -42,9 +42,7 @@ def _build(node: yaml.Node, path: Path, lines: dict[Path, int], c: _Constructor,
             if not isinstance(key, (str, int)):
                 raise JourneyFileError(file, knode.start_mark.line + 1, _fmt(path), f"key {key!r} must be text")
             if key in out:
-                raise JourneyFileError(
-                    file, knode.start_mark.line + 1, _fmt((*path, key)), f"duplicate key '{key}'"
-                )
+                raise JourneyFileError(file, knode.start_mark.line + 1, _fmt((*path, key)), f"duplicate key '{key}'")
             out[key] = _build(vnode, (*path, key), lines, c, file)
             lines[(*path, key)] = knode.start_mark.line + 1
         return out

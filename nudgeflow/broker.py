@@ -57,9 +57,20 @@ class EmbeddedBroker:
         if self.log_path:
             self._log = out = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [str(binary), "broker", "--listener-url", url, "--advertised-listener-url", url,
-             "--storage-engine", "memory://tansu/"],
-            stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
+            [
+                str(binary),
+                "broker",
+                "--listener-url",
+                url,
+                "--advertised-listener-url",
+                url,
+                "--storage-engine",
+                "memory://tansu/",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            preexec_fn=die_with_parent,
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -90,8 +101,14 @@ class EmbeddedBroker:
         self.stop()
 
 
-def ensure_topics(bootstrap: str, names: list[str], partitions: int, retention_ms: int,
-                  copartitioned: list[str] | None = None, timeout: float = 30.0) -> None:
+def ensure_topics(
+    bootstrap: str,
+    names: list[str],
+    partitions: int,
+    retention_ms: int,
+    copartitioned: list[str] | None = None,
+    timeout: float = 30.0,
+) -> None:
     """Create missing topics; check that co-partitioned topics have equal partition counts."""
     admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 3})
     try:
@@ -114,7 +131,10 @@ def ensure_topics(bootstrap: str, names: list[str], partitions: int, retention_m
         if len(set(counts.values())) > 1:
             raise BrokerError(
                 "input topics must have the same number of partitions (they are co-partitioned by user id): "
-                + ", ".join(f"{n}={c}" for n, c in sorted(counts.items())))
+                + ", ".join(f"{n}={c}" for n, c in sorted(counts.items()))
+            )
         if counts and next(iter(counts.values())) != partitions:
-            raise BrokerError(f"input topics have {next(iter(counts.values()))} partitions but "
-                              f"NUDGEFLOW_PARTITIONS is {partitions}; set it to match")
+            raise BrokerError(
+                f"input topics have {next(iter(counts.values()))} partitions but "
+                f"NUDGEFLOW_PARTITIONS is {partitions}; set it to match"
+            )

@@ -1,10 +1,10 @@
 """The `nudgeflow` command line.
 
-    nudgeflow demo        embedded broker + worker + demo traffic + console sender, with metrics
-    nudgeflow run         a journey worker (embedded broker, or --broker kafka://host:9092)
-    nudgeflow send        a sender for one channel topic (console provider, ...)
-    nudgeflow validate    check journey files; errors name file, line and what is wrong
-    nudgeflow schema      print the JSON Schema of journey files (for editors)
+nudgeflow demo        embedded broker + worker + demo traffic + console sender, with metrics
+nudgeflow run         a journey worker (embedded broker, or --broker kafka://host:9092)
+nudgeflow send        a sender for one channel topic (console provider, ...)
+nudgeflow validate    check journey files; errors name file, line and what is wrong
+nudgeflow schema      print the JSON Schema of journey files (for editors)
 """
 
 from __future__ import annotations
@@ -20,12 +20,12 @@ from pydantic import ValidationError
 from engine.errors import JourneyFileErrors, NudgeflowError
 from nudgeflow.settings import Settings
 
-app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False,
-                  pretty_exceptions_enable=False)
+app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 
 Broker = Annotated[str | None, typer.Option(help="kafka://host:9092 or 'embedded' [env NUDGEFLOW_BROKER]")]
-JourneyPaths = Annotated[list[Path] | None, typer.Option("--journeys", "-j",
-                                                         help="journey file or directory (repeatable)")]
+JourneyPaths = Annotated[
+    list[Path] | None, typer.Option("--journeys", "-j", help="journey file or directory (repeatable)")
+]
 
 
 def settings(**overrides: Any) -> Settings:
@@ -53,8 +53,17 @@ def run(
     """Run a journey worker: consume events, keep state, fire timers, emit send requests."""
     from nudgeflow.worker import run_worker
 
-    s = settings(broker=broker, journeys=journeys, app_id=app_id, data_dir=data_dir, topic_prefix=topic_prefix,
-                 partitions=partitions, metrics_port=metrics_port, log_level=log_level, log_file=log_file)
+    s = settings(
+        broker=broker,
+        journeys=journeys,
+        app_id=app_id,
+        data_dir=data_dir,
+        topic_prefix=topic_prefix,
+        partitions=partitions,
+        metrics_port=metrics_port,
+        log_level=log_level,
+        log_file=log_file,
+    )
     _guard(lambda: run_worker(s))
 
 
@@ -83,8 +92,15 @@ def send(
     if s.broker == "embedded":
         typer.echo("a sender needs --broker kafka://host:port (the worker's broker)", err=True)
         raise typer.Exit(2)
-    sender = Sender(s.bootstrap, channel, ConsoleProvider(), Topics(s.topic_prefix),
-                    group or f"{s.app_id}-sender-{channel}", s.data_dir, int(s.session_timeout_s * 1000))
+    sender = Sender(
+        s.bootstrap,
+        channel,
+        ConsoleProvider(),
+        Topics(s.topic_prefix),
+        group or f"{s.app_id}-sender-{channel}",
+        s.data_dir,
+        int(s.session_timeout_s * 1000),
+    )
     _guard(lambda: run_sender(sender))
 
 
@@ -123,9 +139,15 @@ def demo(
     """The whole thing on this machine: broker, worker, traffic, console sender, metrics."""
     from nudgeflow.demo import run_demo
 
-    _guard(lambda: run_demo(users=users, rate=rate, duration=duration,
-                            journeys=journeys or [Path(__file__).resolve().parent.parent / "journeys" / "demo"],
-                            metrics_port=metrics_port))
+    _guard(
+        lambda: run_demo(
+            users=users,
+            rate=rate,
+            duration=duration,
+            journeys=journeys or [Path(__file__).resolve().parent.parent / "journeys" / "demo"],
+            metrics_port=metrics_port,
+        )
+    )
 
 
 def _guard(fn: Any) -> None:

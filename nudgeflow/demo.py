@@ -28,8 +28,18 @@ from nudgeflow.broker import EmbeddedBroker, die_with_parent, ensure_topics, fre
 from nudgeflow.worker import all_topics
 from streams.topics import Topics
 
-PRODUCTS = ["Red hoodie", "Trail sneakers", "Noise-cancelling earphones", "Linen shirt", "Smart watch",
-            "Espresso maker", "Yoga mat", "Leather wallet", "Sunglasses", "Backpack"]
+PRODUCTS = [
+    "Red hoodie",
+    "Trail sneakers",
+    "Noise-cancelling earphones",
+    "Linen shirt",
+    "Smart watch",
+    "Espresso maker",
+    "Yoga mat",
+    "Leather wallet",
+    "Sunglasses",
+    "Backpack",
+]
 
 
 class Traffic(threading.Thread):
@@ -38,8 +48,9 @@ class Traffic(threading.Thread):
     def __init__(self, bootstrap: str, topics: Topics, users: int, rate: float, seed: int = 7) -> None:
         super().__init__(daemon=True, name="demo-traffic")
         self.topics, self.users, self.rate, self.rng = topics, users, rate, random.Random(seed)
-        self.producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20, "log_level": 3,
-                                  "partitioner": "murmur2_random"})
+        self.producer = Producer(
+            {"bootstrap.servers": bootstrap, "linger.ms": 20, "log_level": 3, "partitioner": "murmur2_random"}
+        )
         self.stop_flag = threading.Event()
         self.sent = 0
 
@@ -65,12 +76,21 @@ class Traffic(threading.Thread):
             if r < 0.55:
                 self.emit("page_viewed", user, {"user_id": user, "ts": ts, "props": {"url": f"/p/{product}"}})
             else:
-                self.emit("add_to_cart", user, {"user_id": user, "ts": ts, "event_id": f"atc-{n}",
-                                                "props": {"product": product, "price": self.rng.randint(10, 300)}})
+                self.emit(
+                    "add_to_cart",
+                    user,
+                    {
+                        "user_id": user,
+                        "ts": ts,
+                        "event_id": f"atc-{n}",
+                        "props": {"product": product, "price": self.rng.randint(10, 300)},
+                    },
+                )
                 if self.rng.random() < 0.5:  # buys within 2-10 s: converts, no push
                     later = now + self.rng.uniform(2, 10)
-                    pending.append((later, user, {"user_id": user, "ts": int(later * 1000),
-                                                  "props": {"product": product}}))
+                    pending.append(
+                        (later, user, {"user_id": user, "ts": int(later * 1000), "props": {"product": product}})
+                    )
             if n % 400 == 399:  # a malformed message, to show the dead-letter topic at work
                 self.emit("add_to_cart", "bad", b'{"ts": "not a time", "props": ')
             n += 1
@@ -102,8 +122,14 @@ def run_demo(users: int, rate: float, duration: float, journeys: list[Path], met
         metrics_port = free_port()
     try:
         ensure_topics(broker.bootstrap, all_topics(topics), 4, 86_400_000, copartitioned=topics.inputs)
-        env = {**os.environ, "NUDGEFLOW_BROKER": f"kafka://{broker.bootstrap}", "NUDGEFLOW_DATA_DIR": str(work / "data"),
-               "NUDGEFLOW_SESSION_TIMEOUT_S": "6", "NUDGEFLOW_REBALANCE_TIMEOUT_S": "6", "NUDGEFLOW_HEARTBEAT_S": "1"}
+        env = {
+            **os.environ,
+            "NUDGEFLOW_BROKER": f"kafka://{broker.bootstrap}",
+            "NUDGEFLOW_DATA_DIR": str(work / "data"),
+            "NUDGEFLOW_SESSION_TIMEOUT_S": "6",
+            "NUDGEFLOW_REBALANCE_TIMEOUT_S": "6",
+            "NUDGEFLOW_HEARTBEAT_S": "1",
+        }
         cli = [sys.executable, "-m", "nudgeflow.cli"]
         worker_cmd = [*cli, "run", "--metrics-port", str(metrics_port), "--log-file", str(work / "worker.log")]
         for j in journeys:
@@ -122,12 +148,15 @@ def run_demo(users: int, rate: float, duration: float, journeys: list[Path], met
                 if p.poll() is not None:
                     raise SystemExit(f"demo: a child process exited with code {p.returncode}; see {work}")
             m = scrape(url)
-            print(f"demo status: produced={traffic.sent} consumed={m.get('nudgeflow_events_consumed_total', 0):.0f} "
-                  f"entered={m.get('nudgeflow_journey_entries_total', 0):.0f} "
-                  f"converted={m.get('nudgeflow_journey_conversions_total', 0):.0f} "
-                  f"sends={m.get('nudgeflow_send_requests_total', 0):.0f} "
-                  f"pending_timers={m.get('nudgeflow_pending_timers', 0):.0f} "
-                  f"dead_letters={m.get('nudgeflow_invalid_events_total', 0):.0f}", flush=True)
+            print(
+                f"demo status: produced={traffic.sent} consumed={m.get('nudgeflow_events_consumed_total', 0):.0f} "
+                f"entered={m.get('nudgeflow_journey_entries_total', 0):.0f} "
+                f"converted={m.get('nudgeflow_journey_conversions_total', 0):.0f} "
+                f"sends={m.get('nudgeflow_send_requests_total', 0):.0f} "
+                f"pending_timers={m.get('nudgeflow_pending_timers', 0):.0f} "
+                f"dead_letters={m.get('nudgeflow_invalid_events_total', 0):.0f}",
+                flush=True,
+            )
     except KeyboardInterrupt:
         print("\ndemo: stopping", flush=True)
     finally:

@@ -38,21 +38,39 @@ def run_worker(settings: Settings) -> None:
     try:
         topics = Topics(settings.topic_prefix)
         if settings.create_topics:
-            ensure_topics(settings.bootstrap, all_topics(topics), settings.partitions, settings.retention_ms,
-                          copartitioned=topics.inputs)
+            ensure_topics(
+                settings.bootstrap,
+                all_topics(topics),
+                settings.partitions,
+                settings.retention_ms,
+                copartitioned=topics.inputs,
+            )
         port = start_metrics(settings.metrics_host, settings.metrics_port)
-        print(f"nudgeflow worker {settings.app_id}: {len(journeys.journeys)} journey(s) "
-              f"[{', '.join(sorted(journeys.journeys))}] on {settings.bootstrap}; "
-              f"metrics at http://{settings.metrics_host}:{port}/metrics", flush=True)
+        print(
+            f"nudgeflow worker {settings.app_id}: {len(journeys.journeys)} journey(s) "
+            f"[{', '.join(sorted(journeys.journeys))}] on {settings.bootstrap}; "
+            f"metrics at http://{settings.metrics_host}:{port}/metrics",
+            flush=True,
+        )
         app, _runtime = build_app(
-            app_id=settings.app_id, bootstrap=settings.bootstrap, data_dir=str(settings.data_dir),
-            partitions=settings.partitions, journeys=journeys, topics=topics,
+            app_id=settings.app_id,
+            bootstrap=settings.bootstrap,
+            data_dir=str(settings.data_dir),
+            partitions=settings.partitions,
+            journeys=journeys,
+            topics=topics,
             decoder=Decoder(settings.max_event_bytes, settings.max_future_ms, settings.topic_prefix),
-            batch_max=settings.batch_max, batch_within_ms=settings.batch_within_ms,
-            timer_interval_ms=settings.timer_interval_ms, grace_ms=settings.timer_grace_ms,
-            fire_limit=settings.timer_fire_limit, inflight_limit=settings.timer_inflight_limit,
-            session_timeout_s=settings.session_timeout_s, heartbeat_s=settings.heartbeat_s,
-            rebalance_timeout_s=settings.rebalance_timeout_s, block_cache_mb=settings.block_cache_mb)
+            batch_max=settings.batch_max,
+            batch_within_ms=settings.batch_within_ms,
+            timer_interval_ms=settings.timer_interval_ms,
+            grace_ms=settings.timer_grace_ms,
+            fire_limit=settings.timer_fire_limit,
+            inflight_limit=settings.timer_inflight_limit,
+            session_timeout_s=settings.session_timeout_s,
+            heartbeat_s=settings.heartbeat_s,
+            rebalance_timeout_s=settings.rebalance_timeout_s,
+            block_cache_mb=settings.block_cache_mb,
+        )
         # INFO, not WARN: at WARN Faust's progress spinner turns the root logger to DEBUG.
         level = settings.log_level if settings.log_level.lower() in ("debug", "info") else "info"
         worker_kwargs: dict[str, Any] = {"loglevel": level, "quiet": True, "redirect_stdouts": False}
@@ -60,7 +78,9 @@ def run_worker(settings: Settings) -> None:
             worker_kwargs["logfile"] = str(settings.log_file)
         worker = faust.Worker(app, **worker_kwargs)
         for noisy in ("aiokafka", "faust", "mode"):
-            logging.getLogger(noisy).setLevel(logging.WARNING if settings.log_level.lower() != "debug" else logging.DEBUG)
+            logging.getLogger(noisy).setLevel(
+                logging.WARNING if settings.log_level.lower() != "debug" else logging.DEBUG
+            )
         worker.execute_from_commandline()
     finally:
         if broker:

@@ -26,8 +26,16 @@ from engine.io import CallResult, Enroll, Event, Feedback, Input, ProfileUpdate
 from streams.topics import CUSTOM_TOPIC, EVENT_TOPICS, PROFILE_TOPIC
 
 REASONS = (
-    "too_large", "not_json", "not_object", "missing_user_id", "bad_user_id", "missing_event",
-    "bad_event", "bad_timestamp", "bad_props", "bad_message",
+    "too_large",
+    "not_json",
+    "not_object",
+    "missing_user_id",
+    "bad_user_id",
+    "missing_event",
+    "bad_event",
+    "bad_timestamp",
+    "bad_props",
+    "bad_message",
 )
 MIN_TS = 946_684_800_000  # 2000-01-01: anything earlier is a unit mistake (seconds, not ms)
 ENROLL_EVENT = "nudgeflow.enroll"  # custom event: {"props": {"journey": id}} enters a user
@@ -46,7 +54,7 @@ class Decoder:
         self.max_bytes, self.max_future_ms, self.prefix = max_bytes, max_future_ms, prefix
 
     def decode(self, topic: str, value: bytes | None, kafka_ts: int | None, now_ms: int) -> Input | Invalid:
-        base = topic[len(self.prefix):] if self.prefix and topic.startswith(self.prefix) else topic
+        base = topic[len(self.prefix) :] if self.prefix and topic.startswith(self.prefix) else topic
         if value is None:
             return Invalid("not_json", "empty message (tombstone)")
         if len(value) > self.max_bytes:

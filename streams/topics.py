@@ -61,4 +61,4 @@ class Topics:
 
     def base(self, topic: str) -> str:
         """The topic name without the prefix."""
-        return topic[len(self.prefix):] if self.prefix and topic.startswith(self.prefix) else topic
+        return topic[len(self.prefix) :] if self.prefix and topic.startswith(self.prefix) else topic

@@ -1,0 +1,88 @@
+"""The batch core (Faust-free): state writes, changelog order, DLQ records, replay dedupe."""
+
+from __future__ import annotations
+
+import orjson
+
+from agents.batch import BatchCore, Message
+from agents.keys import parse_timer_key, user_key
+from streams.events import Decoder
+from streams.topics import Topics
+from tests.unit.journeys import T0, M, seeds
+
+
+class MemStore:
+    def __init__(self) -> None:
+        self.data: dict[int, dict[bytes, bytes]] = {}
+
+    def get_many(self, partition: int, keys: list[bytes]) -> list[bytes | None]:
+        return [self.data.get(partition, {}).get(k) for k in keys]
+
+    def apply(self, writes: dict[int, list[tuple[bytes, bytes | None]]]) -> None:
+        for p, ws in writes.items():
+            d = self.data.setdefault(p, {})
+            for k, v in ws:
+                if v is None:
+                    d.pop(k, None)
+                else:
+                    d[k] = v
+
+
+def msg(topic: str, offset: int, value: object, p: int = 0) -> Message:
+    raw = value if isinstance(value, bytes) else orjson.dumps(value)
+    return Message(topic, p, offset, b"u1", raw, T0)
+
+
+def core() -> BatchCore:
+    return BatchCore(seeds("clevertap-cart-inaction.yaml"), Topics(), Decoder(), clock=lambda: T0 / 1000)
+
+
+def test_entry_writes_timer_before_state_and_replay_is_a_noop() -> None:
+    c, store = core(), MemStore()
+    batch = [msg("add_to_cart", 5, {"user_id": "u1", "ts": T0, "props": {"product": "Hoodie"}})]
+    out = c.run(batch, store)
+    keys = [k for k, _ in out.writes[0]]
+    assert keys[0].startswith(b"t:") and keys[1] == user_key("u1")
+    assert parse_timer_key(keys[0]) == (T0 + 30 * M, "u1")
+    store.apply(out.writes)
+    again = c.run(batch, store)  # the same offsets again, as after a crash before commit
+    assert again.duplicates == 1 and again.writes == {} and again.records == []
+
+
+def test_tick_sends_once_and_deletes_the_timer() -> None:
+    c, store = core(), MemStore()
+    store.apply(
+        c.run([msg("add_to_cart", 0, {"user_id": "u1", "ts": T0, "props": {"product": "Hoodie"}})], store).writes
+    )
+    tick = msg("nudgeflow.ticks", 0, {"user_id": "u1", "due": T0 + 30 * M})
+    out = c.run([tick], store)
+    (send,) = [r for r in out.records if r.topic == "nudgeflow.send.push"]
+    body = orjson.loads(send.value)
+    assert body["content"]["title"] == "Still thinking about Hoodie?" and send.key == b"u1"
+    assert dict(send.headers or [])["idempotency_key"] == body["key"].encode()
+    assert [v for k, v in out.writes[0] if k.startswith(b"t:")] == [None]
+    store.apply(out.writes)
+    dup_tick = msg("nudgeflow.ticks", 1, {"user_id": "u1", "due": T0 + 30 * M})
+    assert c.run([dup_tick], store).records == []  # a second tick finds nothing due
+
+
+def test_malformed_message_goes_to_dead_letter_with_reason_and_original_bytes() -> None:
+    c, store = core(), MemStore()
+    out = c.run([msg("add_to_cart", 9, b'{"ts": 1}'), msg("add_to_cart", 10, {"user_id": "u1", "ts": T0})], store)
+    (dead,) = [r for r in out.records if r.topic == "nudgeflow.dead_letter"]
+    assert dead.value == b'{"ts": 1}'
+    h = dict(dead.headers or [])
+    assert h["reason"] == b"missing_user_id" and h["source_offset"] == b"9" and h["source_topic"] == b"add_to_cart"
+    assert out.invalid == [("add_to_cart", "missing_user_id")]
+    assert user_key("u1") in [k for k, _ in out.writes[0]]  # the good message after it was processed
+
+
+def test_unwatched_events_cost_no_state_read_or_write() -> None:
+    c = core()
+
+    class NoReads(MemStore):
+        def get_many(self, partition: int, keys: list[bytes]) -> list[bytes | None]:
+            raise AssertionError("no read expected")
+
+    out = c.run([msg("page_viewed", i, {"user_id": "u1", "ts": T0 + i}) for i in range(50)], NoReads())
+    assert out.consumed == {"page_viewed": 50} and out.writes == {}
