@@ -13,9 +13,9 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
-from typing import Any
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import orjson
@@ -73,7 +73,7 @@ class Worker:
             [sys.executable, "-m", "nudgeflow.cli", "run"],
             env=self.env(),
             stdout=subprocess.DEVNULL,
-            stderr=open(self.log.with_suffix(".err"), "ab"),
+            stderr=open(self.log.with_suffix(".err"), "ab"),  # noqa: SIM115 - the child keeps it
             preexec_fn=die_with_parent,
         )
         deadline = time.monotonic() + timeout
