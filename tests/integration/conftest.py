@@ -73,7 +73,7 @@ class Worker:
             [sys.executable, "-m", "nudgeflow.cli", "run"],
             env=self.env(),
             stdout=subprocess.DEVNULL,
-            stderr=open(self.log.with_suffix(".err"), "ab"),  # noqa: SIM115 - the child keeps it
+            stderr=open(self.log.with_suffix(".err"), "ab"),  # noqa: SIM115 - the child process keeps it
             preexec_fn=die_with_parent,
         )
         deadline = time.monotonic() + timeout
