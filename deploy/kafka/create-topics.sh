@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Create nudgeflow's topics on Apache Kafka with kafka-topics.sh.
+# Usage: BOOTSTRAP=kafka:9092 PARTITIONS=12 PREFIX= ./create-topics.sh
+set -euo pipefail
+: "${BOOTSTRAP:?set BOOTSTRAP=host:9092}"
+PARTITIONS="${PARTITIONS:-12}"; REPLICATION="${REPLICATION:-3}"; PREFIX="${PREFIX:-}"
+RETENTION_MS="${RETENTION_MS:-604800000}"
+create() { kafka-topics.sh --bootstrap-server "$BOOTSTRAP" --create --if-not-exists --topic "$PREFIX$1" \
+  --partitions "$PARTITIONS" --replication-factor "$REPLICATION" --config "retention.ms=$RETENTION_MS" "${@:2}"; }
+# co-partitioned inputs (same partition count, keyed by user id with murmur2)
+for t in page_viewed add_to_cart charged custom_events user_profiles nudgeflow.ticks nudgeflow.feedback; do create "$t"; done
+for c in email sms push webpush whatsapp inapp webhook; do create "nudgeflow.send.$c"; done
+for t in nudgeflow.dead_letter nudgeflow.calls nudgeflow.profile_changes; do create "$t"; done
