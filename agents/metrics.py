@@ -14,6 +14,7 @@ CONVERSIONS = Counter("nudgeflow_journey_conversions_total", "Goals reached", ["
 STEPS = Counter(
     "nudgeflow_journey_step_outcomes_total", "Branch outcomes (timed_out, control, error)", ["journey", "outcome"]
 )
+VISITS = Counter("nudgeflow_journey_step_visits_total", "Steps executed (the per-step funnel)", ["journey", "step"])
 UNREACHABLE = Counter("nudgeflow_unreachable_total", "Sends skipped: no reachable channel", ["journey", "step"])
 SENDS = Counter("nudgeflow_send_requests_total", "Send requests produced", ["channel", "journey"])
 PENDING_TIMERS = Gauge("nudgeflow_pending_timers", "Timers waiting in the index", ["partition"])
@@ -45,6 +46,8 @@ def count(kind: str, journey: str, detail: str) -> None:
         CONVERSIONS.labels(journey).inc()
     elif kind == "skipped":
         SKIPPED.labels(journey, detail).inc()
+    elif kind == "visit":
+        VISITS.labels(journey, detail).inc()
     elif kind == "step":
         STEPS.labels(journey, detail).inc()
     elif kind == "unreachable":

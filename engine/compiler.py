@@ -132,7 +132,7 @@ def compile_journey(raw: Any, file: str, reg: CounterRegistry, segments: set[str
     if e.eligibility == "once" and (e.lock or e.cap):
         errors.append(CompileError(("entry", "eligibility"), "lock and cap only apply to eligibility: multiple"))
     entry = g.Entry(
-        event=e.event,
+        events=tuple([e.event] if isinstance(e.event, str) else (e.event or [])),
         where=where(e.where, ("entry", "where")),
         segment_entered=e.segment_entered,
         segment_left=e.segment_left,
@@ -267,7 +267,11 @@ def _node(kind: str, sid: str, st: Any, follow: str, path: Path, where: Any, con
         u = st.update
         if not (u.set or u.increment or u.unset):
             raise CompileError((*path, "update"), "an update needs set, increment or unset")
-        return g.Update(sid, dict(u.set), dict(u.increment), tuple(u.unset), nxt)
+        try:
+            values = compile_value(dict(u.set))
+        except TemplateError as e:
+            raise CompileError((*path, "update", "set"), str(e)) from None
+        return g.Update(sid, values, dict(u.increment), tuple(u.unset), nxt)
     if kind == "call":
         try:
             body, headers = compile_value(st.body), compile_value(st.headers)

@@ -384,6 +384,7 @@ class _Run:
         for _ in range(MAX_STEPS_PER_RUN):
             inst = st["inst"][j.id]
             node = j.steps[inst["step"]]
+            self.count("visit", j.id, node.id)
             target: str
             if isinstance(node, g.Send):
                 self.send(j, inst, node, t)
@@ -427,7 +428,7 @@ class _Run:
                 if target == g.END:
                     self.count("step", j.id, f"{node.id}:control")
             elif isinstance(node, g.Update):
-                self.update_profile(node, inst, t)
+                self.update_profile(j, node, inst, t)
                 target = node.next
             elif isinstance(node, g.Call):
                 self.call(j, inst, node, t)
@@ -485,9 +486,10 @@ class _Run:
             fallback=fallback,
         )
 
-    def update_profile(self, node: g.Update, inst: Mapping[str, Any], t: int) -> None:
+    def update_profile(self, j: g.Journey, node: g.Update, inst: Mapping[str, Any], t: int) -> None:
         profile, changes = self.st["profile"], dict[str, Any]()
-        for k, v in node.set.items():
+        rendered = render_value(node.set, {**self.context(j, inst), "now": t})
+        for k, v in rendered.items():
             changes[k] = profile[k] = v
         for k, by in node.increment.items():
             cur = profile.get(k, 0)

@@ -125,7 +125,7 @@ class Rule:
 
 @dataclass(frozen=True, slots=True)
 class Entry:
-    event: str | None
+    events: tuple[str, ...]
     where: Filter = field(compare=False)
     segment_entered: str | None = None
     segment_left: str | None = None
@@ -177,8 +177,8 @@ class JourneySet:
     def __post_init__(self) -> None:
         by_trigger: dict[str, list[Journey]] = {}
         for j in self.journeys.values():
-            if j.entry.event:
-                by_trigger.setdefault(j.entry.event, []).append(j)
+            for name in j.entry.events:
+                by_trigger.setdefault(name, []).append(j)
         by_event: dict[str, list[Counter]] = {}
         for c in self.counters:
             by_event.setdefault(c.event, []).append(c)

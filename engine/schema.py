@@ -70,7 +70,7 @@ class Cap(Model):
 class Entry(Model):
     """Who enters, on what, and how often."""
 
-    event: str | None = Field(None, description="entry on this event (action based)")
+    event: str | list[str] | None = Field(None, description="entry on this event, or on any of a list (action based)")
     where: Where = {}
     segment_entered: str | None = Field(None, description="entry when the user enters this segment")
     segment_left: str | None = Field(None, description="entry when the user leaves this segment")

@@ -8,6 +8,7 @@ trigger's when a timer moved the user on), `profile`, `vars` (saved API response
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Mapping
 from typing import Any
 
@@ -16,6 +17,30 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 _TEXT = ImmutableSandboxedEnvironment(autoescape=False)
 _HTML = ImmutableSandboxedEnvironment(autoescape=True)  # event data must not inject markup
+
+
+def add_duration(value: Any, duration: str) -> str:
+    """`{{ add_duration(profile.emi_due_date, "30d") }}`: a date (ISO text or epoch ms) moved by a
+    duration; the result keeps the input's form (a date stays a date). Empty when unparseable."""
+    from engine.durations import parse_duration
+
+    ms = parse_duration(duration, allow_negative=True)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(int(value) + ms)
+    if not isinstance(value, str):
+        return ""
+    try:
+        d = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return ""
+    moved = d + dt.timedelta(milliseconds=ms)
+    if len(value) == 10:  # YYYY-MM-DD
+        return moved.date().isoformat()
+    return moved.isoformat().replace("+00:00", "Z")
+
+
+for _env in (_TEXT, _HTML):
+    _env.globals["add_duration"] = add_duration
 
 
 class TemplateError(ValueError):
@@ -37,6 +62,10 @@ class Text:
                 self._tpl = (_HTML if html else _TEXT).from_string(source)
             except TemplateSyntaxError as e:
                 raise TemplateError(f"template error: {e.message}", e.lineno) from None
+
+    @property
+    def is_template(self) -> bool:
+        return self._tpl is not None
 
     def render(self, ctx: Mapping[str, Any]) -> str:
         if self._tpl is None:

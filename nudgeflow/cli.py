@@ -115,9 +115,54 @@ def validate(paths: Annotated[list[Path], typer.Argument(help="journey files or 
         typer.echo(str(e), err=True)
         raise typer.Exit(2) from None
     for j in js.journeys.values():
-        trig = j.entry.event or j.entry.segment_entered or j.entry.segment_left or j.entry.attribute_changed or "enroll"
+        trig = (
+            "|".join(j.entry.events)
+            or j.entry.segment_entered
+            or j.entry.segment_left
+            or j.entry.attribute_changed
+            or "enroll"
+        )
         typer.echo(f"ok  {j.id} v{j.version} [{j.status}] entry={trig} steps={len(j.steps)}  ({j.file})")
     typer.echo(f"{len(js.journeys)} journey(s), {len(js.segments)} segment(s)")
+
+
+@app.command()
+def simulate(
+    events: Annotated[Path, typer.Option(help="JSON lines of events (topic schema, with 'event')")],
+    journeys: JourneyPaths = None,
+    profiles: Annotated[Path | None, typer.Option(help="JSON lines: user_id, attributes, optional ts")] = None,
+    until: Annotated[str | None, typer.Option(help="run timers up to this time (ISO-8601 or epoch ms)")] = None,
+    out: Annotated[Path | None, typer.Option(help="write sends.jsonl and summary.jsonl here (default: stdout)")] = None,
+) -> None:
+    """Dry run: journeys over an events file on a virtual clock; sends and a per-step summary."""
+    from engine.loader import load_journeys
+    from nudgeflow import simulate as sim_cmd
+
+    until_ms = _parse_time(until) if until else None
+    try:
+        js = load_journeys(journeys or [Path("journeys")])
+    except JourneyFileErrors as e:
+        typer.echo(f"invalid journey files:\n{e}", err=True)
+        raise typer.Exit(2) from None
+
+    def go() -> None:
+        inputs, bad = sim_cmd.read_inputs(events, profiles, sys.stderr)
+        sim_cmd.write(sim_cmd.simulate(js, inputs, until_ms), out, bad)
+
+    _guard(go)
+
+
+def _parse_time(text: str) -> int:
+    import datetime as dt
+
+    if text.isdigit():
+        return int(text)
+    try:
+        d = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        typer.echo(f"--until: '{text}' is not ISO-8601 or epoch milliseconds", err=True)
+        raise typer.Exit(2) from None
+    return int((d if d.tzinfo else d.replace(tzinfo=dt.UTC)).timestamp() * 1000)
 
 
 @app.command()

@@ -108,6 +108,8 @@ def scrape(url: str) -> dict[str, float]:
     out: dict[str, float] = {}
     for fam in text_string_to_metric_families(text):
         for s in fam.samples:
+            if s.labels.get("topic", "").startswith("nudgeflow."):
+                continue  # internal topics (ticks, feedback) are not input events
             out[s.name] = out.get(s.name, 0.0) + s.value
     return out
 
@@ -163,6 +165,7 @@ def run_demo(users: int, rate: float, duration: float, journeys: list[Path], met
         if traffic:
             traffic.stop_flag.set()
             traffic.join(15)
+            del traffic.producer  # its client threads would keep reconnecting to the stopped broker
         for p in procs:
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)

@@ -1,0 +1,124 @@
+"""`nudgeflow simulate`: run journey files over an events file with a virtual clock, no broker.
+
+Events file: JSON lines in the topic schema, each with its `event` name (as on custom_events).
+Profiles file (optional): JSON lines `{"user_id", "ts"?, "attributes"}`; a line without `ts` is
+applied before the first event. Output: the send requests in time order, then a per-step and a
+per-journey summary, as JSON lines (to --out DIR as sends.jsonl and summary.jsonl, or stdout).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter, defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import orjson
+
+from engine.graph import JourneySet
+from engine.io import Count, Input, ProfileUpdate, SendRequest
+from engine.simulate import Simulator, input_time
+from streams.events import Decoder, Invalid
+
+FAR_FUTURE = 2**62
+DRAIN_HORIZON_MS = 400 * 86_400_000  # without --until: run timers up to 400 days after the last input
+
+
+def read_inputs(path: Path, profiles: Path | None, err: IO[str]) -> tuple[list[Input], int]:
+    decoder = Decoder(max_bytes=1 << 20, max_future_ms=FAR_FUTURE)
+    inputs: list[Input] = []
+    bad = 0
+    if profiles:
+        for n, line in _lines(profiles):
+            doc = _json(line)
+            if not isinstance(doc, dict) or not isinstance(doc.get("attributes"), dict) or "user_id" not in doc:
+                err.write(f"{profiles}:{n}: a profile line needs user_id and attributes\n")
+                bad += 1
+                continue
+            ts = doc.get("ts")
+            got = decoder.decode(
+                "user_profiles", orjson.dumps({**doc, "ts": ts if ts is not None else 946_684_800_000}), None, 0
+            )
+            if isinstance(got, Invalid):
+                err.write(f"{profiles}:{n}: {got.reason}: {got.detail}\n")
+                bad += 1
+            else:
+                inputs.append(got)
+    for n, line in _lines(path):
+        got = decoder.decode("custom_events", line, None, 0)
+        if isinstance(got, Invalid):
+            err.write(f"{path}:{n}: {got.reason}: {got.detail}\n")
+            bad += 1
+        else:
+            inputs.append(got)
+    return inputs, bad
+
+
+def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    with path.open("rb") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                yield n, line.strip()
+
+
+def _json(line: bytes) -> Any:
+    try:
+        return orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return None
+
+
+def simulate(js: JourneySet, inputs: list[Input], until: int | None) -> Simulator:
+    sim = Simulator(js)
+    ordered = sorted(inputs, key=lambda i: (not isinstance(i, ProfileUpdate) or i.ts > 946_684_800_000, input_time(i)))
+    for inp in ordered:
+        sim.feed(inp)
+    last = max((input_time(i) for i in inputs), default=0)
+    sim.run_until(until if until is not None else last + DRAIN_HORIZON_MS)
+    return sim
+
+
+def summary(sim: Simulator) -> list[dict[str, Any]]:
+    steps: dict[tuple[str, str], Counter[str]] = defaultdict(Counter)
+    journeys: dict[str, dict[str, Any]] = defaultdict(
+        lambda: {"entered": 0, "converted": 0, "exited": Counter(), "skipped": Counter(), "sent": Counter()}
+    )
+    for _, fx in sim.log:
+        if isinstance(fx, SendRequest):
+            steps[(fx.journey, fx.step)]["sent_" + fx.channel] += 1
+        elif isinstance(fx, Count):
+            j = journeys[fx.journey]
+            if fx.kind == "visit":
+                steps[(fx.journey, fx.detail)]["visits"] += 1
+            elif fx.kind == "step":
+                step, _, outcome = fx.detail.partition(":")
+                steps[(fx.journey, step)][outcome] += 1
+            elif fx.kind == "unreachable":
+                steps[(fx.journey, fx.detail)]["unreachable"] += 1
+            elif fx.kind in ("entered", "converted"):
+                j[fx.kind] += 1
+            elif fx.kind in ("exited", "skipped", "sent"):
+                j[fx.kind][fx.detail] += 1
+    out: list[dict[str, Any]] = [
+        {"type": "step", "journey": j, "step": s, **dict(c)} for (j, s), c in sorted(steps.items())
+    ]
+    out += [
+        {"type": "journey", "journey": j, **{k: dict(v) if isinstance(v, Counter) else v for k, v in d.items()}}
+        for j, d in sorted(journeys.items())
+    ]
+    return out
+
+
+def write(sim: Simulator, out_dir: Path | None, bad: int) -> None:
+    sends = sorted(sim.sends, key=lambda s: (s.created_at, s.user_id, s.journey, s.step))
+    rows = [*summary(sim), {"type": "input", "invalid_lines": bad, "users": len(sim.states)}]
+    if out_dir:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "sends.jsonl").write_bytes(b"".join(orjson.dumps(s.to_dict()) + b"\n" for s in sends))
+        (out_dir / "summary.jsonl").write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
+        return
+    for s in sends:
+        sys.stdout.write(orjson.dumps({"type": "send", **s.to_dict()}).decode() + "\n")
+    for r in rows:
+        sys.stdout.write(orjson.dumps(r).decode() + "\n")
