@@ -285,7 +285,7 @@ def _node(kind: str, sid: str, st: Any, follow: str, path: Path, where: Any, con
             body,
             st.save_as,
             parse_duration(st.timeout),
-            st.on_error or follow,
+            st.on_error or g.END,
             nxt,
         )
     return g.End(sid)

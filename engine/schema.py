@@ -215,7 +215,7 @@ class CallStep(Model):
     body: dict[str, Any] | None = None
     save_as: str = Field(pattern=r"^[a-z_][a-z0-9_]*$")
     timeout: Duration = "10s"
-    on_error: StepRef | None = None
+    on_error: StepRef | None = Field(None, description="where to go when the call fails or times out (default: end)")
     next: StepRef | None = None
 
 

@@ -15,8 +15,18 @@ from typing import Any
 from jinja2 import TemplateSyntaxError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-_TEXT = ImmutableSandboxedEnvironment(autoescape=False)
-_HTML = ImmutableSandboxedEnvironment(autoescape=True)  # event data must not inject markup
+
+class _Env(ImmutableSandboxedEnvironment):
+    """Data keys win over methods: `vars.recs.items` is the "items" key, not dict.items()."""
+
+    def getattr(self, obj: Any, attribute: str) -> Any:
+        if isinstance(obj, Mapping) and attribute in obj:
+            return obj[attribute]
+        return super().getattr(obj, attribute)
+
+
+_TEXT = _Env(autoescape=False)
+_HTML = _Env(autoescape=True)  # event data must not inject markup
 
 
 def add_duration(value: Any, duration: str) -> str:

@@ -189,7 +189,7 @@ def demo(
             users=users,
             rate=rate,
             duration=duration,
-            journeys=journeys or [Path(__file__).resolve().parent.parent / "journeys" / "demo"],
+            journeys=journeys or [Path(__file__).resolve().parent / "demo_journeys"],
             metrics_port=metrics_port,
         )
     )
