@@ -142,17 +142,21 @@ class _Run:
             j = self.journey_of(jid, t)
             if j is None:
                 continue
+            node = j.steps[st["inst"][jid]["step"]]
+            # a step waiting for exactly this event takes its "performed" branch, even when the
+            # event is also the goal or an exit: the flow says explicitly what happens next
+            performed = isinstance(node, g.WaitFor) and node.event == ev.name and node.where(ev.props)
             if j.goal and j.goal.rule.event == ev.name and j.goal.rule.where(ev.props):
                 self.convert(j, t)
-                if j.goal.exit:
+                if j.goal.exit and not performed:
                     self.exit(j, "converted", t)
                     continue
-            if any(r.event == ev.name and r.where(ev.props) for r in j.exits):
+            if not performed and any(r.event == ev.name and r.where(ev.props) for r in j.exits):
                 self.exit(j, "exit_event", t)
                 continue
-            inst = st["inst"][jid]
-            node = j.steps[inst["step"]]
-            if isinstance(node, g.WaitFor) and node.event == ev.name and node.where(ev.props):
+            if performed:
+                assert isinstance(node, g.WaitFor)
+                self.count("step", j.id, f"{node.id}:performed")
                 self.move(j, node.next, t)
         for jid, done in list(st["done"].items()):
             j = js.journeys.get(jid)

@@ -105,7 +105,8 @@ def test_netmera_timed_out_paths() -> None:
         ("fav-no-buy", 3 * H + 2 * D, "push", "push_offer"),
         ("fav-no-buy", 3 * H + 3 * D, "sms", "last_sms"),
     }
-    assert sorted(c.detail for c in s.counts("step")) == ["check_favorites:timed_out", "check_purchase:timed_out"]
+    outcomes = sorted(c.detail for c in s.counts("step") if c.detail.endswith("timed_out"))
+    assert outcomes == ["check_favorites:timed_out", "check_purchase:timed_out"]
 
 
 def test_netmera_entry_filter_schedule_and_lock() -> None:
