@@ -288,21 +288,34 @@ class _Run:
             "converted": False,
         }
         self.count("entered", j.id)
-        # an exit or goal event that happened after the trigger but was processed before it
-        if (
-            j.goal
-            and (seen := self.last_seen(j.goal.rule.counter)) is not None
-            and seen > t
-            and (j.goal.within is None or seen <= t + j.goal.within)
-        ):
-            self.convert(j, seen)
-            if j.goal.exit:
-                self.exit(j, "converted", t)
-                return
-        if any((seen := self.last_seen(r.counter)) is not None and seen > t for r in j.exits):
-            self.exit(j, "exit_event", t)
-            return
         self.run(j, t)
+        self.replay_later(j, t)
+
+    def replay_later(self, j: g.Journey, t: int) -> None:
+        """A goal or exit event that happened after the trigger but was processed before it (inputs
+        from different topics can arrive out of order): apply it now, at its own time, after the
+        steps that were due before it."""
+        pending = []
+        if j.goal and (seen := self.last_seen(j.goal.rule.counter)) is not None and seen > t:
+            pending.append((seen, 0))
+        pending += [(seen, 1) for r in j.exits if (seen := self.last_seen(r.counter)) is not None and seen > t]
+        if not pending:
+            return
+        at, kind = min(pending)
+        st = self.st
+        while (inst := st["inst"].get(j.id)) is not None and inst["wake"] is not None and inst["wake"] <= at:
+            self.wake(j, inst["wake"])
+        if j.id in st["inst"]:
+            if kind == 0:
+                assert j.goal is not None
+                self.convert(j, at)
+                if j.goal.exit:
+                    self.exit(j, "converted", at)
+            else:
+                self.exit(j, "exit_event", at)
+        elif kind == 0 and j.id in st["done"] and at <= st["done"][j.id]["until"]:
+            del st["done"][j.id]
+            self.count("converted", j.id, "after_exit")
 
     def convert(self, j: g.Journey, t: int) -> None:
         inst = self.st["inst"][j.id]

@@ -105,6 +105,40 @@ def send(
 
 
 @app.command()
+def calls(
+    broker: Broker = None,
+    group: Annotated[str | None, typer.Option(help="consumer group (default <app-id>-calls)")] = None,
+    topic_prefix: Annotated[str | None, typer.Option()] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="where answered keys are kept")] = None,
+) -> None:
+    """Run the call runner: perform the HTTP calls of `call` steps and feed the answers back."""
+    import asyncio
+    import signal
+
+    from channels.calls import CallRunner
+    from streams.topics import Topics
+
+    s = settings(broker=broker, topic_prefix=topic_prefix, data_dir=data_dir)
+    if s.broker == "embedded":
+        typer.echo("the call runner needs --broker kafka://host:port (the worker's broker)", err=True)
+        raise typer.Exit(2)
+    runner = CallRunner(
+        s.bootstrap, Topics(s.topic_prefix), group or f"{s.app_id}-calls", s.data_dir, int(s.session_timeout_s * 1000)
+    )
+
+    def go() -> None:
+        loop = asyncio.new_event_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, runner.stop)
+        try:
+            loop.run_until_complete(runner.run())
+        finally:
+            loop.close()
+
+    _guard(go)
+
+
+@app.command()
 def validate(paths: Annotated[list[Path], typer.Argument(help="journey files or directories")]) -> None:
     """Check journey and segment files; print what each journey does, or every error."""
     from engine.loader import load_journeys

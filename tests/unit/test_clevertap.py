@@ -83,3 +83,13 @@ def test_input_state_is_never_modified_and_ticks_are_idempotent() -> None:
     assert [e for e in again.effects] == [e for e in r2.effects]  # deterministic: same key, same content
     stale = process(r2.state, Tick("u1"), T0 + 30 * M, js)
     assert stale.effects == []
+
+
+def test_purchase_processed_before_its_add_to_cart_but_after_the_deadline_still_gets_the_push() -> None:
+    # event time: add at T0, push due at T0+30m, purchase at T0+40m; arrival: purchase first
+    s = sim()
+    s.feed(Event("u1", "charged", T0 + 40 * M), at=T0 + 40 * M)
+    s.feed(Event("u1", "add_to_cart", T0, {"product": "Hoodie"}), at=T0)
+    (push,) = s.sends
+    assert push.created_at == T0 + 30 * M
+    assert [c.detail for c in s.counts("converted")] == ["after_exit"]
