@@ -100,3 +100,25 @@ def test_every_shipped_journey_loads_and_schema_exports() -> None:
     assert "clevertap-cart-inaction" in js.journeys
     schema = json_schema()
     assert "SendStep" in json.dumps(schema) and schema["title"] == "nudgeflow journey"
+
+
+def test_exported_schema_file_is_current() -> None:
+    shipped = json.loads((ROOT / "journeys" / "journey.schema.json").read_text())
+    assert shipped == json_schema(), "run: nudgeflow schema > journeys/journey.schema.json"
+
+
+def test_schema_validates_the_shipped_journeys() -> None:
+    import jsonschema
+    import yaml
+
+    class AsEditorsSeeIt(yaml.SafeLoader):  # YAML editors see unquoted timestamps as text
+        yaml_implicit_resolvers = {
+            k: [r for r in v if r[0] != "tag:yaml.org,2002:timestamp"]
+            for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()
+        }
+
+    schema = json_schema()
+    for f in sorted((ROOT / "journeys").rglob("*.yaml")):
+        doc = yaml.load(f.read_text(), Loader=AsEditorsSeeIt)  # noqa: S506 - a SafeLoader subclass
+        if "journey" in doc:
+            jsonschema.validate(doc, schema)
