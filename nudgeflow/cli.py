@@ -139,6 +139,29 @@ def calls(
 
 
 @app.command()
+def enroll(
+    journey: Annotated[str, typer.Option(help="id of a journey with entry: {enrolled: true}")],
+    users: Annotated[Path, typer.Option(help="CSV with a user_id column; other columns become properties")],
+    broker: Broker = None,
+    topic_prefix: Annotated[str | None, typer.Option()] = None,
+) -> None:
+    """Enter a one-off list of users (CSV upload) into a journey."""
+    from nudgeflow.enroll import produce_enrollments
+    from streams.topics import CUSTOM_TOPIC, Topics
+
+    s = settings(broker=broker, topic_prefix=topic_prefix)
+    if s.broker == "embedded":
+        typer.echo("enroll needs --broker kafka://host:port (the worker's broker)", err=True)
+        raise typer.Exit(2)
+
+    def go() -> None:
+        topic = Topics(s.topic_prefix).name(CUSTOM_TOPIC)
+        typer.echo(f"enrolled {produce_enrollments(s.bootstrap, topic, users, journey)} user(s) into {journey}")
+
+    _guard(go)
+
+
+@app.command()
 def validate(paths: Annotated[list[Path], typer.Argument(help="journey files or directories")]) -> None:
     """Check journey and segment files; print what each journey does, or every error."""
     from engine.loader import load_journeys
