@@ -16,12 +16,13 @@ from collections.abc import Sequence
 from typing import Any
 
 import faust
+from faust.types import TP
 from rocksdict import WriteBatch
 
 from agents import metrics
 from agents.batch import BatchCore, BatchOutput, Message
 from agents.output import Output
-from agents.timers import TimerScanner
+from agents.timers import TimerScanner, event_time_gate
 from engine.graph import JourneySet
 from streams.events import Decoder
 from streams.topics import Topics
@@ -51,6 +52,8 @@ class Runtime:
         self.changelog = table.changelog_topic.get_topic_name()
         self.processed = 0
         self._rebalance_started: float | None = None
+        self.progress: dict[tuple[str, int], tuple[int, int | None]] = {}  # (topic, p) -> (offset, newest ts)
+        self.event_inputs = topics.user_inputs
 
     def _db(self, partition: int) -> Any:
         return self.table.data._db_for_partition(partition)
@@ -117,6 +120,10 @@ class Runtime:
             metrics.TIMERS_CLEARED.inc(out.timers_cleared.get(p, 0))
         for p, due in out.earliest_timer.items():
             self.scanner.rewind(p, due)
+        for tp, offset in out.last_offset.items():
+            _, newest = self.progress.get(tp, (-1, None))
+            ts = out.max_ts.get(tp)
+            self.progress[tp] = (offset, ts if newest is None or (ts is not None and ts > newest) else newest)
         metrics.BATCH_SIZE.observe(n)
         metrics.BATCH_SECONDS.observe(time.perf_counter() - t0)
         self.processed += n
@@ -135,12 +142,40 @@ class Runtime:
 
     async def on_revoked(self, sender: Any = None, revoked: Any = (), **_: Any) -> None:
         self._rebalance_started = time.monotonic()
+        for tp in revoked:
+            self.progress.pop((tp.topic, tp.partition), None)
         self.scanner.revoke({tp.partition for tp in revoked if tp.topic == self.topics.ticks})
 
-    def scan(self) -> None:
+    async def gates(self) -> dict[int, float]:
+        """Event-time gate of each active partition: see agents.timers.event_time_gate."""
+        consumer = self.app.consumer
+        out = {}
+        for p in self.scanner.partitions:
+            inputs = []
+            for topic in self.event_inputs:
+                tp = TP(topic, p)
+                try:
+                    highwater = consumer.highwater(tp)
+                    done = self.progress.get((topic, p))
+                    position = done[0] + 1 if done else await consumer.position(tp)
+                except Exception:  # not assigned (any more) or not fetched yet: unknown
+                    continue
+                inputs.append((highwater, position, done[1] if done else None))
+            gate = out[p] = event_time_gate(inputs)
+            if gate == float("inf"):
+                lag = 0.0
+            elif gate == float("-inf"):
+                lag = -1.0
+            else:
+                lag = max(0.0, time.time() - gate / 1000)
+            metrics.EVENT_TIME_LAG.labels(str(p)).set(lag)
+        return out
+
+    async def scan(self) -> None:
         if self.app.rebalancing or self.app.in_recovery:
             return
-        self.scanner.scan(int(time.time() * 1000))
+        gates = await self.gates()
+        self.scanner.scan(int(time.time() * 1000), lambda p: gates.get(p, float("inf")))
 
 
 def build_app(
@@ -202,6 +237,6 @@ def build_app(
 
 def _timer_task(runtime: Runtime) -> Any:
     async def fire_timers() -> None:
-        runtime.scan()
+        await runtime.scan()
 
     return fire_timers

@@ -74,6 +74,8 @@ class BatchOutput:
     ticks: list[tuple[int, int]] = field(default_factory=list)  # (partition, due) processed
     duplicates: int = 0
     sends: dict[str, int] = field(default_factory=dict)  # channel -> n
+    last_offset: dict[tuple[str, int], int] = field(default_factory=dict)  # (topic, p) -> offset
+    max_ts: dict[tuple[str, int], int] = field(default_factory=dict)  # (topic, p) -> newest event time
 
 
 class StateReader(Protocol):
@@ -95,9 +97,13 @@ class BatchCore:
         watched = self.journeys.watched
         for m in msgs:
             out.consumed[m.topic] = out.consumed.get(m.topic, 0) + 1
+            tp = (m.topic, m.partition)
+            out.last_offset[tp] = max(out.last_offset.get(tp, -1), m.offset)
             inp, at = self._decode(m, now_ms, out)
             if inp is None:
                 continue
+            if not isinstance(inp, Tick):
+                out.max_ts[tp] = max(out.max_ts.get(tp, at), at)
             if isinstance(inp, Event) and inp.name not in watched:
                 continue  # no journey and no history uses it: no state read, no write
             decoded.append((m, inp, at))

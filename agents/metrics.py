@@ -33,6 +33,11 @@ BATCH_SECONDS = Histogram(
     "Time to process and durably write one batch",
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
 )
+EVENT_TIME_LAG = Gauge(
+    "nudgeflow_event_time_lag_seconds",
+    "While inputs lag: now minus the event time timers are held to (-1: an input not read yet; 0: caught up)",
+    ["partition"],
+)
 RESTORE_SECONDS = Gauge("nudgeflow_restore_seconds", "Duration of the last state restore after a rebalance")
 
 

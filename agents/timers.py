@@ -25,6 +25,23 @@ from agents.keys import TIMER, parse_timer_key, timer_key
 from agents.output import Output
 
 
+def event_time_gate(inputs: list[tuple[int | None, int | None, int | None]]) -> float:
+    """The latest due time that may fire on a partition, from its input topic-partitions.
+
+    Each input is (high watermark, next offset to process, newest event time processed). While
+    an input lags (offsets left to process), a timer may fire only once that input's event time
+    has passed it: otherwise, catching up after downtime, a push would go out before the
+    purchase that happened during the downtime is read. Inputs that are caught up (or whose
+    high watermark is not known yet) do not hold timers back.
+    """
+    gate = float("inf")
+    for highwater, position, newest in inputs:
+        if highwater is None or position is None or position >= highwater:
+            continue
+        gate = min(gate, float(newest) if newest is not None else float("-inf"))
+    return gate
+
+
 class TimerScanner:
     def __init__(
         self,
@@ -84,13 +101,15 @@ class TimerScanner:
         if self.inflight.get(p, 0) > 0:
             self.inflight[p] -= 1
 
-    def scan(self, now_ms: int) -> int:
-        """Produce ticks for every due timer (bounded); return how many."""
-        limit_due, fired = now_ms - self.grace_ms, 0
+    def scan(self, now_ms: int, gate: Callable[[int], float] | None = None) -> int:
+        """Produce ticks for every due timer (bounded); return how many. `gate(p)` caps the due
+        times that may fire on partition p (see event_time_gate)."""
+        fired = 0
         for p in self.partitions:
             room = min(self.fire_limit, self.inflight_limit - self.inflight[p])
             if room <= 0:
                 continue
+            limit_due = min(now_ms - self.grace_ms, gate(p) if gate else float("inf"))
             it = self.db_for(p).iter()
             it.seek(self.cursor[p])
             n = 0
