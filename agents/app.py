@@ -10,9 +10,10 @@ only then are the events acknowledged (at-least-once input, idempotent effects).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import faust
@@ -20,10 +21,12 @@ from faust.types import TP
 from rocksdict import WriteBatch
 
 from agents import metrics
+from agents.align import Aligner
 from agents.batch import BatchCore, BatchOutput, Message
 from agents.output import Output
 from agents.timers import TimerScanner, event_time_gate
 from engine.graph import JourneySet
+from engine.io import Input
 from streams.events import Decoder
 from streams.topics import Topics
 
@@ -52,8 +55,10 @@ class Runtime:
         self.changelog = table.changelog_topic.get_topic_name()
         self.processed = 0
         self._rebalance_started: float | None = None
-        self.progress: dict[tuple[str, int], tuple[int, int | None]] = {}  # (topic, p) -> (offset, newest ts)
         self.event_inputs = topics.user_inputs
+        self.newest: dict[tuple[str, int], int] = {}  # (topic, p) -> newest event time applied
+        self.aligner: Aligner[tuple[Message, Input, int, Any]] = Aligner(self.event_inputs)
+        self.lock = asyncio.Lock()  # the agent and the timer task both apply inputs
 
     def _db(self, partition: int) -> Any:
         return self.table.data._db_for_partition(partition)
@@ -63,6 +68,7 @@ class Runtime:
         return result
 
     async def process(self, events: Sequence[Any]) -> None:
+        """One batch from the agent: decode, align by event time, apply what may go now."""
         t0 = time.perf_counter()
         msgs = [
             Message(
@@ -75,11 +81,70 @@ class Runtime:
             )
             for e in events
         ]
-        out = self.core.run(msgs, self)
+        async with self.lock:
+            out = BatchOutput()
+            ready = []
+            for (m, inp, at), ev in self._with_events(self.core.decode(msgs, out), events):
+                if m.topic in self.aligner.event_topics:
+                    ev.message.incref()  # held until applied: the agent's own ack must not commit it
+                ready += self.aligner.add(m.topic, m.partition, m.offset, at, (m, inp, at, ev))
+            for m in msgs:  # read positions include inputs that were dropped or dead-lettered
+                self.aligner.read_upto[(m.topic, m.partition)] = max(
+                    self.aligner.read_upto.get((m.topic, m.partition), 0), m.offset + 1
+                )
+            ready += self.aligner.release(await self._lagging())
+            await self._apply(ready, out, len(msgs), t0)
+
+    async def release_held(self) -> None:
+        """Apply held inputs whose turn came without a new batch (a lagging topic caught up)."""
+        if not self.aligner.held:
+            return
+        async with self.lock:
+            ready = self.aligner.release(await self._lagging())
+            if ready:
+                await self._apply(ready, BatchOutput(), 0, time.perf_counter())
+
+    @staticmethod
+    def _with_events(items: list[Any], events: Sequence[Any]) -> list[tuple[Any, Any]]:
+        by_offset = {(e.message.topic, e.message.partition, e.message.offset): e for e in events}
+        return [(item, by_offset[(item[0].topic, item[0].partition, item[0].offset)]) for item in items]
+
+    async def _apply(self, ready: list[tuple[Message, Input, int, Any]], out: BatchOutput, n: int, t0: float) -> None:
+        self.core.apply([(m, inp, at) for m, inp, at, _ in ready], self, out)
         self._produce(out)
         await self.output.flush()
         self._write(out)
-        self._account(out, len(msgs), t0)
+        for m, _, _, ev in ready:
+            if m.topic in self.aligner.event_topics:
+                ev.ack()  # durable now: the offset may be committed
+        self._account(out, n, t0)
+
+    async def _position(self, topic: str, partition: int) -> int | None:
+        read = self.aligner.read_upto.get((topic, partition))
+        if read is not None:
+            return read
+        try:
+            pos: int | None = await self.app.consumer.position(TP(topic, partition))
+        except Exception:  # not assigned (any more)
+            return None
+        return pos
+
+    async def _lag_map(self, partitions: Iterable[int]) -> dict[tuple[str, int], bool]:
+        """(topic, partition) -> offsets left to read (per the fetch high watermark)."""
+        consumer, out = self.app.consumer, {}
+        for p in partitions:
+            for topic in self.event_inputs:
+                try:
+                    highwater = consumer.highwater(TP(topic, p))
+                except Exception:
+                    highwater = None
+                position = await self._position(topic, p)
+                out[(topic, p)] = highwater is not None and position is not None and position < highwater
+        return out
+
+    async def _lagging(self) -> Callable[[str, int], bool]:
+        lag = await self._lag_map(list(self.aligner.bufs))
+        return lambda topic, p: lag.get((topic, p), False)
 
     def _produce(self, out: BatchOutput) -> None:
         for p, writes in out.writes.items():
@@ -120,11 +185,11 @@ class Runtime:
             metrics.TIMERS_CLEARED.inc(out.timers_cleared.get(p, 0))
         for p, due in out.earliest_timer.items():
             self.scanner.rewind(p, due)
-        for tp, offset in out.last_offset.items():
-            _, newest = self.progress.get(tp, (-1, None))
-            ts = out.max_ts.get(tp)
-            self.progress[tp] = (offset, ts if newest is None or (ts is not None and ts > newest) else newest)
-        metrics.BATCH_SIZE.observe(n)
+        for tp, ts in out.max_ts.items():
+            self.newest[tp] = max(self.newest.get(tp, ts), ts)
+        metrics.HELD_INPUTS.set(self.aligner.held)
+        if n:
+            metrics.BATCH_SIZE.observe(n)
         metrics.BATCH_SECONDS.observe(time.perf_counter() - t0)
         self.processed += n
 
@@ -142,38 +207,33 @@ class Runtime:
 
     async def on_revoked(self, sender: Any = None, revoked: Any = (), **_: Any) -> None:
         self._rebalance_started = time.monotonic()
-        for tp in revoked:
-            self.progress.pop((tp.topic, tp.partition), None)
+        gone = {tp.partition for tp in revoked if tp.topic == self.topics.ticks}
+        self.aligner.drop(gone)  # not acked: the partitions' new owner reads them again
+        for key in [k for k in self.newest if k[1] in gone]:
+            del self.newest[key]
         self.scanner.revoke({tp.partition for tp in revoked if tp.topic == self.topics.ticks})
 
     async def gates(self) -> dict[int, float]:
         """Event-time gate of each active partition: see agents.timers.event_time_gate."""
-        consumer = self.app.consumer
+        partitions = self.scanner.partitions
+        lag = await self._lag_map(partitions)
         out = {}
-        for p in self.scanner.partitions:
-            inputs = []
-            for topic in self.event_inputs:
-                tp = TP(topic, p)
-                try:
-                    highwater = consumer.highwater(tp)
-                    done = self.progress.get((topic, p))
-                    position = done[0] + 1 if done else await consumer.position(tp)
-                except Exception:  # not assigned (any more) or not fetched yet: unknown
-                    continue
-                inputs.append((highwater, position, done[1] if done else None))
+        for p in partitions:
+            inputs = [(lag[(t, p)] or self.aligner.holding(t, p), self.newest.get((t, p))) for t in self.event_inputs]
             gate = out[p] = event_time_gate(inputs)
             if gate == float("inf"):
-                lag = 0.0
+                lag_s = 0.0
             elif gate == float("-inf"):
-                lag = -1.0
+                lag_s = -1.0
             else:
-                lag = max(0.0, time.time() - gate / 1000)
-            metrics.EVENT_TIME_LAG.labels(str(p)).set(lag)
+                lag_s = max(0.0, time.time() - gate / 1000)
+            metrics.EVENT_TIME_LAG.labels(str(p)).set(lag_s)
         return out
 
     async def scan(self) -> None:
         if self.app.rebalancing or self.app.in_recovery:
             return
+        await self.release_held()
         gates = await self.gates()
         self.scanner.scan(int(time.time() * 1000), lambda p: gates.get(p, float("inf")))
 

@@ -48,6 +48,9 @@ class Message:
     timestamp: int | None  # Kafka message timestamp, ms
 
 
+Item = tuple[Message, Input, int]  # a decoded input and the time it applies at
+
+
 @dataclass(slots=True)
 class Record:
     topic: str
@@ -74,8 +77,8 @@ class BatchOutput:
     ticks: list[tuple[int, int]] = field(default_factory=list)  # (partition, due) processed
     duplicates: int = 0
     sends: dict[str, int] = field(default_factory=dict)  # channel -> n
-    last_offset: dict[tuple[str, int], int] = field(default_factory=dict)  # (topic, p) -> offset
-    max_ts: dict[tuple[str, int], int] = field(default_factory=dict)  # (topic, p) -> newest event time
+    last_offset: dict[tuple[str, int], int] = field(default_factory=dict)  # (topic, p) -> applied offset
+    max_ts: dict[tuple[str, int], int] = field(default_factory=dict)  # (topic, p) -> newest applied time
 
 
 class StateReader(Protocol):
@@ -90,24 +93,34 @@ class BatchCore:
         self.ticks_topic = topics.ticks
 
     def run(self, msgs: Sequence[Message], store: StateReader) -> BatchOutput:
+        """Decode and apply in message order (no cross-topic alignment)."""
         out = BatchOutput()
+        self.apply(self.decode(msgs, out), store, out)
+        return out
+
+    def decode(self, msgs: Sequence[Message], out: BatchOutput) -> list[Item]:
+        """Messages -> inputs with their time. Invalid ones go to the dead-letter records now;
+        events no journey or history uses are dropped here (no state read, no write)."""
         now_ms = int(self.clock() * 1000)
-        decoded: list[tuple[Message, Input, int]] = []
-        wanted: dict[int, set[str]] = {}
+        items: list[Item] = []
         watched = self.journeys.watched
         for m in msgs:
             out.consumed[m.topic] = out.consumed.get(m.topic, 0) + 1
+            inp, at = self._decode(m, now_ms, out)
+            if inp is None or (isinstance(inp, Event) and inp.name not in watched):
+                continue
+            items.append((m, inp, at))
+        return items
+
+    def apply(self, decoded: Sequence[Item], store: StateReader, out: BatchOutput) -> None:
+        """Run the engine over inputs in the given order; each user's state read and written once."""
+        wanted: dict[int, set[str]] = {}
+        for m, inp, at in decoded:
+            wanted.setdefault(m.partition, set()).add(inp.user_id)
             tp = (m.topic, m.partition)
             out.last_offset[tp] = max(out.last_offset.get(tp, -1), m.offset)
-            inp, at = self._decode(m, now_ms, out)
-            if inp is None:
-                continue
             if not isinstance(inp, Tick):
                 out.max_ts[tp] = max(out.max_ts.get(tp, at), at)
-            if isinstance(inp, Event) and inp.name not in watched:
-                continue  # no journey and no history uses it: no state read, no write
-            decoded.append((m, inp, at))
-            wanted.setdefault(m.partition, set()).add(inp.user_id)
         cache: dict[tuple[int, str], dict[str, Any] | None] = {}
         for p, users in wanted.items():
             ulist = sorted(users)
@@ -139,7 +152,6 @@ class BatchCore:
             out.writes.setdefault(p, []).append((user_key(u), orjson.dumps(cache[(p, u)])))
         for p, ops in timer_ops.items():
             out.writes[p].extend((timer_key(d, u), None) for (d, u), put in sorted(ops.items()) if not put)
-        return out
 
     def _decode(self, m: Message, now_ms: int, out: BatchOutput) -> tuple[Input | None, int]:
         if m.topic == self.ticks_topic:

@@ -38,6 +38,7 @@ EVENT_TIME_LAG = Gauge(
     "While inputs lag: now minus the event time timers are held to (-1: an input not read yet; 0: caught up)",
     ["partition"],
 )
+HELD_INPUTS = Gauge("nudgeflow_held_inputs", "Inputs held back to apply topics in event-time order")
 RESTORE_SECONDS = Gauge("nudgeflow_restore_seconds", "Duration of the last state restore after a rebalance")
 
 

@@ -25,20 +25,18 @@ from agents.keys import TIMER, parse_timer_key, timer_key
 from agents.output import Output
 
 
-def event_time_gate(inputs: list[tuple[int | None, int | None, int | None]]) -> float:
+def event_time_gate(inputs: list[tuple[bool, int | None]]) -> float:
     """The latest due time that may fire on a partition, from its input topic-partitions.
 
-    Each input is (high watermark, next offset to process, newest event time processed). While
-    an input lags (offsets left to process), a timer may fire only once that input's event time
-    has passed it: otherwise, catching up after downtime, a push would go out before the
-    purchase that happened during the downtime is read. Inputs that are caught up (or whose
-    high watermark is not known yet) do not hold timers back.
+    Each input is (lagging, newest event time applied). While an input lags (offsets left to
+    read, or inputs held for alignment), a timer may fire only once that input's event time has
+    passed it: otherwise, catching up after downtime, a push would go out before the purchase
+    made during the downtime is read. Inputs that are caught up do not hold timers back.
     """
     gate = float("inf")
-    for highwater, position, newest in inputs:
-        if highwater is None or position is None or position >= highwater:
-            continue
-        gate = min(gate, float(newest) if newest is not None else float("-inf"))
+    for lagging, newest in inputs:
+        if lagging:
+            gate = min(gate, float(newest) if newest is not None else float("-inf"))
     return gate
 
 
