@@ -17,9 +17,10 @@ from typing import Any
 
 import httpx
 import orjson
-from confluent_kafka import Consumer, KafkaError, Producer
+from confluent_kafka import KafkaError
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_exponential
 
+from channels.clients import channel_consumer, feedback_producer
 from channels.sender import DeliveredKeys
 from streams.topics import Topics
 
@@ -45,20 +46,8 @@ class CallRunner:
         max_concurrency: int = 50,
     ) -> None:
         self.topics = topics
-        self.consumer = Consumer(
-            {
-                "bootstrap.servers": bootstrap,
-                "group.id": group,
-                "auto.offset.reset": "earliest",
-                "enable.auto.commit": False,
-                "session.timeout.ms": session_timeout_ms,
-                "log_level": 3,
-            }
-        )
-        # murmur2, like the inputs: the answer must land on the partition holding the user's state
-        self.producer = Producer(
-            {"bootstrap.servers": bootstrap, "linger.ms": 5, "log_level": 3, "partitioner": "murmur2_random"}
-        )
+        self.consumer = channel_consumer(bootstrap, group, session_timeout_ms)
+        self.producer = feedback_producer(bootstrap)
         self.keys = DeliveredKeys(state_dir / "call-runner")
         self.limit = asyncio.Semaphore(max_concurrency)
         self.ok = self.failed = self.duplicates = 0

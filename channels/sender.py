@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 from pathlib import Path
 
 import orjson
-from confluent_kafka import Consumer, KafkaError, Producer
+from confluent_kafka import KafkaError
 from pydantic import ValidationError
 from rocksdict import Options, Rdict
 
+from channels.clients import channel_consumer, feedback_producer, run_until_signalled
 from channels.providers import Provider, Unreachable
 from channels.requests import SendRequestModel
 from streams.topics import Topics
@@ -53,21 +53,8 @@ class Sender:
         session_timeout_ms: int = 10000,
     ) -> None:
         self.channel, self.provider, self.topics = channel, provider, topics
-        self.consumer = Consumer(
-            {
-                "bootstrap.servers": bootstrap,
-                "group.id": group,
-                "auto.offset.reset": "earliest",
-                "enable.auto.commit": False,
-                "session.timeout.ms": session_timeout_ms,
-                "log_level": 3,
-            }
-        )
-        # murmur2: the partitioner the input topics are expected to use (Java clients' default), so
-        # feedback lands on the partition that holds the user's state.
-        self.producer = Producer(
-            {"bootstrap.servers": bootstrap, "linger.ms": 5, "log_level": 3, "partitioner": "murmur2_random"}
-        )
+        self.consumer = channel_consumer(bootstrap, group, session_timeout_ms)
+        self.producer = feedback_producer(bootstrap)
         self.keys = DeliveredKeys(state_dir / f"sender-{channel}")
         self.delivered = self.duplicates = self.unreachable = self.invalid = 0
         self._stop = False
@@ -133,10 +120,4 @@ class Sender:
 
 
 def run_sender(sender: Sender) -> None:
-    loop = asyncio.new_event_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, sender.stop)
-    try:
-        loop.run_until_complete(sender.run())
-    finally:
-        loop.close()
+    run_until_signalled(sender.run, sender.stop)

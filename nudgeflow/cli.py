@@ -112,10 +112,8 @@ def calls(
     data_dir: Annotated[Path | None, typer.Option(help="where answered keys are kept")] = None,
 ) -> None:
     """Run the call runner: perform the HTTP calls of `call` steps and feed the answers back."""
-    import asyncio
-    import signal
-
     from channels.calls import CallRunner
+    from channels.clients import run_until_signalled
     from streams.topics import Topics
 
     s = settings(broker=broker, topic_prefix=topic_prefix, data_dir=data_dir)
@@ -126,16 +124,7 @@ def calls(
         s.bootstrap, Topics(s.topic_prefix), group or f"{s.app_id}-calls", s.data_dir, int(s.session_timeout_s * 1000)
     )
 
-    def go() -> None:
-        loop = asyncio.new_event_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, runner.stop)
-        try:
-            loop.run_until_complete(runner.run())
-        finally:
-            loop.close()
-
-    _guard(go)
+    _guard(lambda: run_until_signalled(runner.run, runner.stop))
 
 
 @app.command()
