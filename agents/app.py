@@ -177,12 +177,17 @@ class Runtime:
             metrics.count(c.kind, c.journey, c.detail)
             if c.kind == "sent":
                 metrics.SENDS.labels(c.detail, c.journey).inc()
-        for p, due in out.ticks:
+        for p, due, stale in out.ticks:
             self.scanner.tick_done(p)
-            metrics.TIMER_LATENESS.observe(max(0.0, now - due / 1000))
+            if stale:
+                metrics.TIMERS_STALE.inc()
+            else:
+                metrics.TIMERS_FIRED.inc()
+                metrics.TIMER_LATENESS.observe(max(0.0, now - due / 1000))
+        if out.timers_cancelled:
+            metrics.TIMERS_CANCELLED.inc(out.timers_cancelled)
         for p in set(out.timers_set) | set(out.timers_cleared):
             self.scanner.applied(p, out.timers_set.get(p, 0), out.timers_cleared.get(p, 0))
-            metrics.TIMERS_CLEARED.inc(out.timers_cleared.get(p, 0))
         for p, due in out.earliest_timer.items():
             self.scanner.rewind(p, due)
         for tp, ts in out.max_ts.items():

@@ -73,8 +73,9 @@ class BatchOutput:
     consumed: dict[str, int] = field(default_factory=dict)  # topic -> messages
     timers_set: dict[int, int] = field(default_factory=dict)  # partition -> +n
     timers_cleared: dict[int, int] = field(default_factory=dict)
+    timers_cancelled: int = 0  # cleared by an event before they were due (e.g. a purchase)
     earliest_timer: dict[int, int] = field(default_factory=dict)  # partition -> min due set
-    ticks: list[tuple[int, int]] = field(default_factory=list)  # (partition, due) processed
+    ticks: list[tuple[int, int, bool]] = field(default_factory=list)  # (partition, due, stale) processed
     duplicates: int = 0
     sends: dict[str, int] = field(default_factory=dict)  # channel -> n
     last_offset: dict[tuple[str, int], int] = field(default_factory=dict)  # (topic, p) -> applied offset
@@ -134,9 +135,9 @@ class BatchCore:
             if rec is not None and rec["o"].get(m.topic, -1) >= m.offset:
                 out.duplicates += 1  # already applied before a crash or rebalance
                 continue
+            if isinstance(inp, Tick):  # stale: the user's wake-up moved or already ran (a duplicate tick)
+                out.ticks.append((m.partition, at, core.next_wake(rec["s"] if rec else None) != at))
             res = core.process(rec["s"] if rec else None, inp, at, self.journeys)
-            if isinstance(inp, Tick):
-                out.ticks.append((m.partition, at))
             if not res.changed:
                 continue
             if rec is None:
@@ -144,7 +145,7 @@ class BatchCore:
             rec["s"] = res.state
             rec["o"][m.topic] = m.offset
             dirty.add(ck)
-            self._effects(res.effects, m.partition, out, timer_ops)
+            self._effects(res.effects, m.partition, out, timer_ops, cancels=not isinstance(inp, Tick))
         for p, ops in timer_ops.items():
             w = out.writes.setdefault(p, [])
             w.extend((timer_key(d, u), b"1") for (d, u), put in sorted(ops.items()) if put)
@@ -189,7 +190,12 @@ class BatchCore:
         )
 
     def _effects(
-        self, effects: Iterable[Any], p: int, out: BatchOutput, timer_ops: dict[int, dict[tuple[int, str], bool]]
+        self,
+        effects: Iterable[Any],
+        p: int,
+        out: BatchOutput,
+        timer_ops: dict[int, dict[tuple[int, str], bool]],
+        cancels: bool,
     ) -> None:
         for fx in effects:
             if isinstance(fx, Count):
@@ -215,6 +221,7 @@ class BatchCore:
                 else:
                     ops[(fx.due, fx.user_id)] = False
                 out.timers_cleared[p] = out.timers_cleared.get(p, 0) + 1
+                out.timers_cancelled += cancels
             elif isinstance(fx, ProfileChanged):
                 out.records.append(
                     Record(

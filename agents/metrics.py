@@ -18,8 +18,10 @@ VISITS = Counter("nudgeflow_journey_step_visits_total", "Steps executed (the per
 UNREACHABLE = Counter("nudgeflow_unreachable_total", "Sends skipped: no reachable channel", ["journey", "step"])
 SENDS = Counter("nudgeflow_send_requests_total", "Send requests produced", ["channel", "journey"])
 PENDING_TIMERS = Gauge("nudgeflow_pending_timers", "Timers waiting in the index", ["partition"])
-TIMERS_FIRED = Counter("nudgeflow_timers_fired_total", "Timer ticks emitted by the scanner")
-TIMERS_CLEARED = Counter("nudgeflow_timers_cleared_total", "Timers removed from the index (fired or cancelled)")
+TICKS_EMITTED = Counter("nudgeflow_timer_ticks_emitted_total", "Ticks produced by the timer scanner")
+TIMERS_FIRED = Counter("nudgeflow_timers_fired_total", "Ticks that ran a user's due steps")
+TIMERS_STALE = Counter("nudgeflow_timers_stale_total", "Ticks skipped: nothing due any more (moved or duplicate)")
+TIMERS_CANCELLED = Counter("nudgeflow_timers_cancelled_total", "Timers removed by an event before they were due")
 TIMER_LATENESS = Histogram(
     "nudgeflow_timer_lateness_seconds",
     "Processing time minus due time of fired timers",

@@ -128,7 +128,7 @@ class TimerScanner:
             fired += n
         if fired:
             self.output.poll()
-            metrics.TIMERS_FIRED.inc(fired)
+            metrics.TICKS_EMITTED.inc(fired)
         return fired
 
 

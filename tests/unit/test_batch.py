@@ -103,3 +103,18 @@ def test_batch_reports_progress_per_topic_partition() -> None:
     c, store = core(), MemStore()
     out = c.run([msg("add_to_cart", 7, {"user_id": "u1", "ts": T0 + 5}), msg("add_to_cart", 8, b"bad")], store)
     assert out.last_offset == {("add_to_cart", 0): 7} and out.max_ts == {("add_to_cart", 0): T0 + 5}
+
+
+def test_ticks_are_classified_fired_or_stale_and_purchases_cancel_timers() -> None:
+    c, store = core(), MemStore()
+    store.apply(
+        c.run([msg("add_to_cart", 0, {"user_id": "u1", "ts": T0, "props": {"product": "Hoodie"}})], store).writes
+    )
+    due = T0 + 30 * M
+    out = c.run([msg("nudgeflow.ticks", 0, {"user_id": "u1", "due": due})], store)
+    assert out.ticks == [(0, due, False)]
+    store.apply(out.writes)
+    assert c.run([msg("nudgeflow.ticks", 1, {"user_id": "u1", "due": due})], store).ticks == [(0, due, True)]
+    c2, store2 = core(), MemStore()
+    store2.apply(c2.run([msg("add_to_cart", 0, {"user_id": "u2", "ts": T0})], store2).writes)
+    assert c2.run([msg("charged", 0, {"user_id": "u2", "ts": T0 + M})], store2).timers_cancelled == 1
