@@ -139,7 +139,8 @@ class Runtime:
                 except Exception:
                     highwater = None
                 position = await self._position(topic, p)
-                out[(topic, p)] = highwater is not None and position is not None and position < highwater
+                # unknown (just assigned, no fetch answer yet) counts as lagging: hold rather than guess
+                out[(topic, p)] = highwater is None or position is None or position < highwater
         return out
 
     async def _lagging(self) -> Callable[[str, int], bool]:
