@@ -32,6 +32,7 @@ from streams.topics import Topics
 
 log = logging.getLogger("nudgeflow.worker")
 TABLE = "journey-state"
+END_MARKER = b"m:end"  # see Settings.changelog_end_marker; restored like any key, never read
 
 
 class Runtime:
@@ -59,6 +60,7 @@ class Runtime:
         self.newest: dict[tuple[str, int], int] = {}  # (topic, p) -> newest event time applied
         self.aligner: Aligner[tuple[Message, Input, int, Any]] = Aligner(self.event_inputs)
         self.lock = asyncio.Lock()  # the agent and the timer task both apply inputs
+        self.end_marker = False
 
     def _db(self, partition: int) -> Any:
         return self.table.data._db_for_partition(partition)
@@ -113,6 +115,10 @@ class Runtime:
         self.core.apply([(m, inp, at) for m, inp, at, _ in ready], self, out)
         self._produce(out)
         await self.output.flush()
+        if self.end_marker and out.writes:
+            for p in out.writes:  # a batch of its own (see Settings.changelog_end_marker)
+                self.output.produce(self.changelog, b"1", key=END_MARKER, partition=p)
+            await self.output.flush()
         self._write(out)
         for m, _, _, ev in ready:
             if m.topic in self.aligner.event_topics:
@@ -263,6 +269,7 @@ def build_app(
     heartbeat_s: float = 2,
     rebalance_timeout_s: float = 10,
     block_cache_mb: int = 32,
+    changelog_end_marker: bool = False,
 ) -> tuple[faust.App, Runtime]:
     app = faust.App(
         app_id,
@@ -289,6 +296,7 @@ def build_app(
     source = app.topic(*topics.inputs, key_serializer="raw", value_serializer="raw", partitions=partitions)
     output = Output(bootstrap)
     runtime = Runtime(app, table, journeys, topics, output, decoder, grace_ms, fire_limit, inflight_limit)
+    runtime.end_marker = changelog_end_marker
 
     async def journeys_agent(stream: Any) -> None:
         async for events in stream.take_events(batch_max, within=batch_within_ms / 1000):

@@ -36,6 +36,12 @@ class Settings(BaseSettings):
     heartbeat_s: float = Field(2.0)
     rebalance_timeout_s: float = Field(10.0)
     block_cache_mb: int = Field(32, description="RocksDB block cache per table partition")
+    changelog_end_marker: bool = Field(
+        False,
+        description="end each batch's changelog records with a one-record batch per partition: needed on Tansu, "
+        "whose ListOffsets(latest) answers the last batch's base offset + 1, so a restore would miss the rest "
+        "of that batch; on by default with the embedded broker",
+    )
     log_level: str = Field("info")
     log_file: Path | None = None
 

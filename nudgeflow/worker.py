@@ -34,7 +34,7 @@ def run_worker(settings: Settings) -> None:
     broker = None
     if settings.broker == "embedded":
         broker = EmbeddedBroker().start()
-        settings = settings.model_copy(update={"broker": f"kafka://{broker.bootstrap}"})
+        settings = settings.model_copy(update={"broker": f"kafka://{broker.bootstrap}", "changelog_end_marker": True})
     try:
         topics = Topics(settings.topic_prefix)
         if settings.create_topics:
@@ -70,6 +70,7 @@ def run_worker(settings: Settings) -> None:
             heartbeat_s=settings.heartbeat_s,
             rebalance_timeout_s=settings.rebalance_timeout_s,
             block_cache_mb=settings.block_cache_mb,
+            changelog_end_marker=settings.changelog_end_marker,
         )
         # INFO, not WARN: at WARN Faust's progress spinner turns the root logger to DEBUG.
         level = settings.log_level if settings.log_level.lower() in ("debug", "info") else "info"
