@@ -26,7 +26,7 @@ from agents.batch import BatchCore, BatchOutput, Message
 from agents.output import Output
 from agents.timers import TimerScanner, event_time_gate
 from engine.graph import JourneySet
-from engine.io import Input
+from engine.io import Input, Tick
 from streams.events import Decoder
 from streams.topics import Topics
 
@@ -48,19 +48,19 @@ class Runtime:
         decoder: Decoder,
         grace_ms: int,
         fire_limit: int,
-        inflight_limit: int,
     ) -> None:
         self.app, self.table, self.topics, self.output = app, table, topics, output
         self.core = BatchCore(journeys, topics, decoder)
-        self.scanner = TimerScanner(output, topics.ticks, self._db, grace_ms, fire_limit, inflight_limit)
+        self.scanner = TimerScanner(self._db, grace_ms, fire_limit)
         self.changelog = table.changelog_topic.get_topic_name()
         self.processed = 0
-        self._rebalance_started: float | None = None
+        self._rebalance_started: float | None = time.monotonic()  # the first restore counts from start
         self.event_inputs = topics.user_inputs
         self.newest: dict[tuple[str, int], int] = {}  # (topic, p) -> newest event time applied
         self.aligner: Aligner[tuple[Message, Input, int, Any]] = Aligner(self.event_inputs)
         self.lock = asyncio.Lock()  # the agent and the timer task both apply inputs
         self.end_marker = False
+        self._positions: dict[tuple[str, int], int | None] = {}  # fetch positions of idle inputs
 
     def _db(self, partition: int) -> Any:
         return self.table.data._db_for_partition(partition)
@@ -129,10 +129,13 @@ class Runtime:
         read = self.aligner.read_upto.get((topic, partition))
         if read is not None:
             return read
+        if (topic, partition) in self._positions:  # nothing delivered since: still the same
+            return self._positions[(topic, partition)]
         try:
             pos: int | None = await self.app.consumer.position(TP(topic, partition))
         except Exception:  # not assigned (any more)
             return None
+        self._positions[(topic, partition)] = pos
         return pos
 
     async def _lag_map(self, partitions: Iterable[int]) -> dict[tuple[str, int], bool]:
@@ -184,8 +187,7 @@ class Runtime:
             metrics.count(c.kind, c.journey, c.detail)
             if c.kind == "sent":
                 metrics.SENDS.labels(c.detail, c.journey).inc()
-        for p, due, stale in out.ticks:
-            self.scanner.tick_done(p)
+        for _, due, stale in out.ticks:
             if stale:
                 metrics.TIMERS_STALE.inc()
             else:
@@ -220,6 +222,7 @@ class Runtime:
     async def on_revoked(self, sender: Any = None, revoked: Any = (), **_: Any) -> None:
         self._rebalance_started = time.monotonic()
         gone = {tp.partition for tp in revoked if tp.topic == self.topics.ticks}
+        self._positions.clear()
         self.aligner.drop(gone)  # not acked: the partitions' new owner reads them again
         for key in [k for k in self.newest if k[1] in gone]:
             del self.newest[key]
@@ -247,7 +250,14 @@ class Runtime:
             return
         await self.release_held()
         gates = await self.gates()
-        self.scanner.scan(int(time.time() * 1000), lambda p: gates.get(p, float("inf")))
+        due = self.scanner.collect_due(int(time.time() * 1000), lambda p: gates.get(p, float("inf")))
+        if due:
+            async with self.lock:
+                ticks = [
+                    (Message(self.topics.ticks, p, -1, user.encode(), None, None), Tick(user), at, None)
+                    for p, at, user in due
+                ]
+                await self._apply(ticks, BatchOutput(), 0, time.perf_counter())
 
 
 def build_app(
@@ -264,11 +274,11 @@ def build_app(
     timer_interval_ms: int = 200,
     grace_ms: int = 0,
     fire_limit: int = 2000,
-    inflight_limit: int = 20000,
     session_timeout_s: float = 10,
     heartbeat_s: float = 2,
     rebalance_timeout_s: float = 10,
     block_cache_mb: int = 32,
+    write_buffer_mb: int = 16,
     changelog_end_marker: bool = False,
 ) -> tuple[faust.App, Runtime]:
     app = faust.App(
@@ -290,12 +300,18 @@ def build_app(
         partitions=partitions,
         key_type=bytes,
         value_type=bytes,
-        options={"driver": "rocksdict", "block_cache_size": block_cache_mb * 1024 * 1024},
+        options={
+            "driver": "rocksdict",
+            "block_cache_size": block_cache_mb * 2**20,
+            # bounded memtables: memory per partition stays ~2 x write_buffer_mb + the block cache
+            "write_buffer_size": write_buffer_mb * 2**20,
+            "max_write_buffer_number": 2,
+        },
         help="per-user journey state and the timer index",
     )
     source = app.topic(*topics.inputs, key_serializer="raw", value_serializer="raw", partitions=partitions)
     output = Output(bootstrap)
-    runtime = Runtime(app, table, journeys, topics, output, decoder, grace_ms, fire_limit, inflight_limit)
+    runtime = Runtime(app, table, journeys, topics, output, decoder, grace_ms, fire_limit)
     runtime.end_marker = changelog_end_marker
 
     async def journeys_agent(stream: Any) -> None:

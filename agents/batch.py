@@ -132,7 +132,7 @@ class BatchCore:
         for m, inp, at in decoded:
             ck = (m.partition, inp.user_id)
             rec = cache[ck]
-            if rec is not None and rec["o"].get(m.topic, -1) >= m.offset:
+            if m.offset >= 0 and rec is not None and rec["o"].get(m.topic, -1) >= m.offset:
                 out.duplicates += 1  # already applied before a crash or rebalance
                 continue
             if isinstance(inp, Tick):  # stale: the user's wake-up moved or already ran (a duplicate tick)
@@ -143,7 +143,8 @@ class BatchCore:
             if rec is None:
                 rec = cache[ck] = {"s": res.state, "o": {}}
             rec["s"] = res.state
-            rec["o"][m.topic] = m.offset
+            if m.offset >= 0:  # in-process ticks have none: they are idempotent by themselves
+                rec["o"][m.topic] = m.offset
             dirty.add(ck)
             self._effects(res.effects, m.partition, out, timer_ops, cancels=not isinstance(inp, Tick))
         for p, ops in timer_ops.items():

@@ -31,11 +31,13 @@ class Settings(BaseSettings):
     timer_interval_ms: int = Field(200, ge=10, description="how often due timers are scanned")
     timer_grace_ms: int = Field(0, ge=0, description="fire timers this long after due (late events)")
     timer_fire_limit: int = Field(2000, ge=1, description="max ticks per partition per scan")
-    timer_inflight_limit: int = Field(20000, ge=1, description="max unprocessed ticks per partition")
     session_timeout_s: float = Field(10.0, description="consumer group session timeout")
     heartbeat_s: float = Field(2.0)
     rebalance_timeout_s: float = Field(10.0)
     block_cache_mb: int = Field(32, description="RocksDB block cache per table partition")
+    write_buffer_mb: int = Field(
+        16, description="RocksDB memtable size per table partition (two of them at most); Faust's default is 64 x 3"
+    )
     changelog_end_marker: bool = Field(
         False,
         description="end each batch's changelog records with a one-record batch per partition: needed on Tansu, "

@@ -65,11 +65,11 @@ def run_worker(settings: Settings) -> None:
             timer_interval_ms=settings.timer_interval_ms,
             grace_ms=settings.timer_grace_ms,
             fire_limit=settings.timer_fire_limit,
-            inflight_limit=settings.timer_inflight_limit,
             session_timeout_s=settings.session_timeout_s,
             heartbeat_s=settings.heartbeat_s,
             rebalance_timeout_s=settings.rebalance_timeout_s,
             block_cache_mb=settings.block_cache_mb,
+            write_buffer_mb=settings.write_buffer_mb,
             changelog_end_marker=settings.changelog_end_marker,
         )
         # INFO, not WARN: at WARN Faust's progress spinner turns the root logger to DEBUG.
