@@ -17,10 +17,9 @@ from typing import Any
 
 import httpx
 import orjson
-from confluent_kafka import KafkaError
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_exponential
 
-from channels.clients import channel_consumer, feedback_producer
+from channels.clients import channel_consumer, feedback_producer, ok_messages
 from channels.sender import DeliveredKeys
 from streams.topics import Topics
 
@@ -64,11 +63,7 @@ class CallRunner:
                 while not self._stop:
                     msgs = await loop.run_in_executor(None, self.consumer.consume, 200, 0.5)
                     reqs = []
-                    for m in msgs:
-                        if m.error():
-                            if m.error().code() != KafkaError._PARTITION_EOF:
-                                log.warning("consumer error: %s", m.error())
-                            continue
+                    for m in ok_messages(msgs, log):
                         try:
                             reqs.append(orjson.loads(m.value()))
                         except orjson.JSONDecodeError:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from typing import Any
 
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Consumer, KafkaError, Producer
 
 
 def channel_consumer(bootstrap: str, group: str, session_timeout_ms: int) -> Consumer:
@@ -27,6 +29,16 @@ def feedback_producer(bootstrap: str) -> Producer:
     """murmur2, the partitioner the input topics are expected to use (Java clients' default), so
     what goes back to the worker lands on the partition that holds the user's state."""
     return Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "log_level": 3, "partitioner": "murmur2_random"})
+
+
+def ok_messages(msgs: Iterable[Any], log: logging.Logger) -> Iterator[Any]:
+    """The messages of a consume() result, logging consumer errors (partition EOF is not one)."""
+    for m in msgs:
+        if m.error():
+            if m.error().code() != KafkaError._PARTITION_EOF:
+                log.warning("consumer error: %s", m.error())
+            continue
+        yield m
 
 
 def run_until_signalled(main: Callable[[], Awaitable[None]], stop: Callable[[], None]) -> None:

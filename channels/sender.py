@@ -12,11 +12,10 @@ import logging
 from pathlib import Path
 
 import orjson
-from confluent_kafka import KafkaError
 from pydantic import ValidationError
 from rocksdict import Options, Rdict
 
-from channels.clients import channel_consumer, feedback_producer, run_until_signalled
+from channels.clients import channel_consumer, feedback_producer, ok_messages, run_until_signalled
 from channels.providers import Provider, Unreachable
 from channels.requests import SendRequestModel
 from streams.topics import Topics
@@ -84,11 +83,7 @@ class Sender:
             await self.provider.close()
 
     async def _batch(self, msgs: list) -> None:  # type: ignore[type-arg]
-        for m in msgs:
-            if m.error():
-                if m.error().code() != KafkaError._PARTITION_EOF:
-                    log.warning("consumer error: %s", m.error())
-                continue
+        for m in ok_messages(msgs, log):
             try:
                 req = SendRequestModel.model_validate(orjson.loads(m.value()))
             except (orjson.JSONDecodeError, ValidationError):

@@ -180,3 +180,18 @@ def wait_for(predicate, timeout: float = 30.0, every: float = 0.2) -> bool:  # t
             return True
         time.sleep(every)
     return False
+
+
+def simulated_sends(events_file: Path, journeys: Path) -> list[dict[str, Any]]:
+    """The send requests `nudgeflow simulate` computes for an events file: the worker's reference."""
+    out = subprocess.run(
+        [sys.executable, "-m", "nudgeflow.cli", "simulate", "--events", str(events_file), "--journeys", str(journeys)],
+        capture_output=True,
+        check=True,
+    )
+    return [orjson.loads(x) for x in out.stdout.splitlines() if b'"type":"send"' in x]
+
+
+def send_view(s: dict[str, Any]) -> tuple[Any, ...]:
+    """What must be identical between the worker's and the simulator's send requests."""
+    return s["key"], s["user_id"], s["created_at"], s["content"]["title"], s["instance"]

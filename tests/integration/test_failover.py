@@ -4,8 +4,6 @@ expected send appears exactly once on the channel topic, equal to `nudgeflow sim
 from __future__ import annotations
 
 import random
-import subprocess
-import sys
 import time
 from typing import Any
 
@@ -13,7 +11,7 @@ import orjson
 import pytest
 
 from nudgeflow.broker import EmbeddedBroker
-from tests.integration.conftest import HERE, Client, Worker, new_worker, wait_for
+from tests.integration.conftest import HERE, Client, Worker, new_worker, send_view, simulated_sends, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -58,29 +56,12 @@ def test_sigkill_one_of_two_workers(broker: EmbeddedBroker, tmp_path_factory: py
         assert time.time() * 1000 < t0 + 6000, "the kill must happen while timers are pending"
         assert wait_for(lambda: len(partitions_of(w2)) == 4, timeout=90), "w2 did not take over"
 
-        out = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "nudgeflow.cli",
-                "simulate",
-                "--events",
-                str(path),
-                "--journeys",
-                str(HERE / "journeys_slow"),
-            ],
-            capture_output=True,
-            check=True,
-        )
-        expected = [orjson.loads(x) for x in out.stdout.splitlines() if b'"type":"send"' in x]
+        expected = simulated_sends(path, HERE / "journeys_slow")
         msgs = client.read(w1.topics.channel("push"), min_count=len(expected), timeout=90)
         got = [orjson.loads(m.value()) for m in msgs]
 
-        def view(s: dict[str, Any]) -> tuple[Any, ...]:
-            return s["key"], s["user_id"], s["created_at"], s["content"]["title"]
-
         assert len(got) == len({s["key"] for s in got}), "a send was duplicated"
-        assert sorted(map(view, got)) == sorted(map(view, expected))
+        assert sorted(map(send_view, got)) == sorted(map(send_view, expected))
         assert 40 < len(expected) < 80 and killed_partitions
     finally:
         w1.stop()

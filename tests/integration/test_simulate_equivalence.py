@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import random
-import subprocess
-import sys
 import time
 
 import orjson
 import pytest
 
 from nudgeflow.broker import EmbeddedBroker
-from tests.integration.conftest import HERE, Client, new_worker
+from tests.integration.conftest import HERE, Client, new_worker, send_view, simulated_sends
 
 pytestmark = pytest.mark.integration
 
@@ -41,28 +39,11 @@ def test_worker_matches_simulate(broker: EmbeddedBroker, tmp_path_factory: pytes
             )
             client.producer.poll(0)
         client.producer.flush(10)
-        out = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "nudgeflow.cli",
-                "simulate",
-                "--events",
-                str(path),
-                "--journeys",
-                str(HERE / "journeys"),
-            ],
-            capture_output=True,
-            check=True,
-        )
-        expected = [orjson.loads(x) for x in out.stdout.splitlines() if b'"type":"send"' in x]
+        expected = simulated_sends(path, HERE / "journeys")
         assert 20 < len(expected) < 60
         msgs = client.read(w.topics.channel("push"), min_count=len(expected), timeout=60)
         got = [orjson.loads(m.value()) for m in msgs]
 
-        def view(s: dict) -> tuple:  # type: ignore[type-arg]
-            return s["key"], s["user_id"], s["created_at"], s["content"]["title"], s["instance"]
-
-        assert sorted(map(view, got)) == sorted(map(view, expected))
+        assert sorted(map(send_view, got)) == sorted(map(send_view, expected))
     finally:
         w.stop()
