@@ -34,7 +34,6 @@ class Aligner(Generic[H]):
 
     def add(self, topic: str, partition: int, offset: int, at: int, item: H) -> list[H]:
         """Buffer an input; inputs of non-event topics come straight back (released)."""
-        self.read_upto[(topic, partition)] = max(self.read_upto.get((topic, partition), 0), offset + 1)
         if topic not in self.event_topics:
             return [item]
         bufs = self.bufs.setdefault(partition, {t: deque() for t in self.event_topics})
@@ -42,6 +41,10 @@ class Aligner(Generic[H]):
         bufs[topic].append((at, self._seq, item))
         self.held += 1
         return []
+
+    def note_read(self, topic: str, partition: int, offset: int) -> None:
+        """A message was read (buffered, dropped or dead-lettered alike): the read position moves."""
+        self.read_upto[(topic, partition)] = max(self.read_upto.get((topic, partition), 0), offset + 1)
 
     def release(self, lagging: Callable[[str, int], bool]) -> list[H]:
         """Everything that can go now, in event-time order per partition.

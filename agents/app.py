@@ -53,7 +53,6 @@ class Runtime:
         self.core = BatchCore(journeys, topics, decoder)
         self.scanner = TimerScanner(self._db, grace_ms, fire_limit)
         self.changelog = table.changelog_topic.get_topic_name()
-        self.processed = 0
         self._rebalance_started: float | None = time.monotonic()  # the first restore counts from start
         self.event_inputs = topics.user_inputs
         self.newest: dict[tuple[str, int], int] = {}  # (topic, p) -> newest event time applied
@@ -91,9 +90,7 @@ class Runtime:
                     ev.message.incref()  # held until applied: the agent's own ack must not commit it
                 ready += self.aligner.add(m.topic, m.partition, m.offset, at, (m, inp, at, ev))
             for m in msgs:  # read positions include inputs that were dropped or dead-lettered
-                self.aligner.read_upto[(m.topic, m.partition)] = max(
-                    self.aligner.read_upto.get((m.topic, m.partition), 0), m.offset + 1
-                )
+                self.aligner.note_read(m.topic, m.partition, m.offset)
             ready += self.aligner.release(await self._lagging())
             await self._apply(ready, out, len(msgs), t0)
 
@@ -205,7 +202,6 @@ class Runtime:
         if n:
             metrics.BATCH_SIZE.observe(n)
         metrics.BATCH_SECONDS.observe(time.perf_counter() - t0)
-        self.processed += n
 
     async def on_recovered(self) -> None:
         """State (and timers) of the newly assigned partitions are restored: start their timers."""
@@ -226,7 +222,7 @@ class Runtime:
         self.aligner.drop(gone)  # not acked: the partitions' new owner reads them again
         for key in [k for k in self.newest if k[1] in gone]:
             del self.newest[key]
-        self.scanner.revoke({tp.partition for tp in revoked if tp.topic == self.topics.ticks})
+        self.scanner.revoke(gone)
 
     async def gates(self) -> dict[int, float]:
         """Event-time gate of each active partition: see agents.timers.event_time_gate."""

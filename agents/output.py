@@ -68,6 +68,3 @@ class Output:
     async def flush(self, timeout: float = 30.0) -> None:
         """Wait for every produced record without blocking the event loop."""
         await asyncio.get_running_loop().run_in_executor(None, self.flush_sync, timeout)
-
-    def poll(self) -> None:
-        self.producer.poll(0)

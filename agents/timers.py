@@ -15,6 +15,7 @@ avoids re-reading deleted (fired) keys, which is what keeps seeks cheap after ma
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -57,7 +58,8 @@ class TimerScanner:
         for p in partitions:
             self.cursor.pop(p, None)
             self.pending.pop(p, None)
-            metrics.PENDING_TIMERS.remove(str(p)) if str(p) in _label_values() else None
+            with contextlib.suppress(KeyError):  # never set for this partition
+                metrics.PENDING_TIMERS.remove(str(p))
 
     def _count(self, p: int) -> int:
         it = self.db_for(p).iter()
@@ -103,7 +105,3 @@ class TimerScanner:
         if out:
             metrics.TICKS_EMITTED.inc(len(out))
         return out
-
-
-def _label_values() -> set[str]:
-    return {s.labels["partition"] for m in metrics.PENDING_TIMERS.collect() for s in m.samples}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from typing import Protocol, TextIO
 
-from channels.requests import SendRequestModel
+from engine.io import SendRequest
 
 
 class Unreachable(Exception):
@@ -13,7 +13,7 @@ class Unreachable(Exception):
 
 
 class Provider(Protocol):
-    async def deliver(self, req: SendRequestModel) -> None: ...
+    async def deliver(self, req: SendRequest) -> None: ...
 
     async def close(self) -> None: ...
 
@@ -24,7 +24,7 @@ class ConsoleProvider:
     def __init__(self, out: TextIO = sys.stdout) -> None:
         self.out = out
 
-    async def deliver(self, req: SendRequestModel) -> None:
+    async def deliver(self, req: SendRequest) -> None:
         text = req.content.get("title") or req.content.get("subject") or req.content.get("text") or req.template
         self.out.write(
             f"[{req.channel}] user={req.user_id} journey={req.journey}/{req.step} key={req.key[:12]} :: {text}\n"

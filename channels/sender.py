@@ -17,7 +17,7 @@ from rocksdict import Options, Rdict
 
 from channels.clients import channel_consumer, feedback_producer, ok_messages, run_until_signalled
 from channels.providers import Provider, Unreachable
-from channels.requests import SendRequestModel
+from channels.requests import parse_send_request
 from streams.topics import Topics
 
 log = logging.getLogger("nudgeflow.sender")
@@ -85,7 +85,7 @@ class Sender:
     async def _batch(self, msgs: list) -> None:  # type: ignore[type-arg]
         for m in ok_messages(msgs, log):
             try:
-                req = SendRequestModel.model_validate(orjson.loads(m.value()))
+                req = parse_send_request(orjson.loads(m.value()))
             except (orjson.JSONDecodeError, ValidationError):
                 self.invalid += 1
                 log.warning("skipping a malformed send request at offset %s", m.offset())
@@ -102,7 +102,7 @@ class Sender:
                 if req.fallback:
                     fb = req.fallback
                     self.producer.produce(
-                        self.topics.channel(fb.channel), key=fb.user_id.encode(), value=orjson.dumps(fb.model_dump())
+                        self.topics.channel(fb.channel), key=fb.user_id.encode(), value=orjson.dumps(fb.to_dict())
                     )
             self.keys.add(req.key)
 

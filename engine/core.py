@@ -57,7 +57,7 @@ PAUSE_RECHECK_MS = 3_600_000
 
 
 def new_state() -> State:
-    return {"clock": 0, "inst": {}, "done": {}, "entries": {}, "profile": {}, "hist": {}, "segs": {}}
+    return {"clock": 0, "inst": {}, "done": {}, "entries": {}, "profile": {}, "hist": {}}
 
 
 def next_wake(state: Mapping[str, Any] | None) -> int | None:
@@ -329,7 +329,7 @@ class _Run:
     def exit(self, j: g.Journey, reason: str, t: int) -> None:
         inst = self.st["inst"].pop(j.id)
         self.count("exited", j.id, reason)
-        if j.goal and j.goal.within and not inst["converted"] and reason not in ("restarted",):
+        if j.goal and j.goal.within and not inst["converted"] and reason != "restarted":
             until = inst["entered"] + j.goal.within
             if until >= t:
                 self.st["done"][j.id] = {"n": inst["n"], "until": until}
@@ -575,7 +575,6 @@ def _clone(s: Mapping[str, Any]) -> State:
         "entries": dict(s["entries"]),
         "profile": dict(s["profile"]),
         "hist": {k: list(v) for k, v in s["hist"].items()},
-        "segs": dict(s["segs"]),
     }
 
 

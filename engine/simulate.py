@@ -23,7 +23,6 @@ from engine.io import (
     ProfileUpdate,
     SendRequest,
     Tick,
-    TimerCleared,
     TimerSet,
 )
 
@@ -86,6 +85,3 @@ class Simulator:
 
     def pending(self) -> int:
         return sum(1 for s in self.states.values() if next_wake(s) is not None)
-
-
-__all__ = ["Simulator", "TimerCleared", "input_time"]

@@ -73,10 +73,6 @@ class Text:
             except TemplateSyntaxError as e:
                 raise TemplateError(f"template error: {e.message}", e.lineno) from None
 
-    @property
-    def is_template(self) -> bool:
-        return self._tpl is not None
-
     def render(self, ctx: Mapping[str, Any]) -> str:
         if self._tpl is None:
             return self.source

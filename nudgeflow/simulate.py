@@ -17,9 +17,9 @@ from typing import IO, Any
 import orjson
 
 from engine.graph import JourneySet
-from engine.io import Count, Input, ProfileUpdate, SendRequest
+from engine.io import Count, Input, SendRequest
 from engine.simulate import Simulator, input_time
-from streams.events import Decoder, Invalid
+from streams.events import MIN_TS, Decoder, Invalid
 
 FAR_FUTURE = 2**62
 DRAIN_HORIZON_MS = 400 * 86_400_000  # without --until: run timers up to 400 days after the last input
@@ -38,7 +38,7 @@ def read_inputs(path: Path, profiles: Path | None, err: IO[str]) -> tuple[list[I
                 continue
             ts = doc.get("ts")
             got = decoder.decode(
-                "user_profiles", orjson.dumps({**doc, "ts": ts if ts is not None else 946_684_800_000}), None, 0
+                "user_profiles", orjson.dumps({**doc, "ts": ts if ts is not None else MIN_TS}), None, 0
             )
             if isinstance(got, Invalid):
                 err.write(f"{profiles}:{n}: {got.reason}: {got.detail}\n")
@@ -71,9 +71,7 @@ def _json(line: bytes) -> Any:
 
 def simulate(js: JourneySet, inputs: list[Input], until: int | None) -> Simulator:
     sim = Simulator(js)
-    ordered = sorted(inputs, key=lambda i: (not isinstance(i, ProfileUpdate) or i.ts > 946_684_800_000, input_time(i)))
-    for inp in ordered:
-        sim.feed(inp)
+    sim.feed_all(inputs)  # stable: a profile line without ts (MIN_TS) comes before any event
     last = max((input_time(i) for i in inputs), default=0)
     sim.run_until(until if until is not None else last + DRAIN_HORIZON_MS)
     return sim
