@@ -20,15 +20,15 @@ import faust
 from faust.types import TP
 from rocksdict import WriteBatch
 
-from agents import metrics
-from agents.align import Aligner
-from agents.batch import BatchCore, BatchOutput, Message
-from agents.output import Output
-from agents.timers import TimerScanner, event_time_gate
-from engine.graph import JourneySet
-from engine.io import Input, Tick
-from streams.events import Decoder
-from streams.topics import Topics
+from nudgeflow.agents import metrics
+from nudgeflow.agents.align import Aligner
+from nudgeflow.agents.batch import BatchCore, BatchOutput, Message
+from nudgeflow.agents.output import Output
+from nudgeflow.agents.timers import TimerScanner, event_time_gate
+from nudgeflow.engine.graph import JourneySet
+from nudgeflow.engine.io import Input, Tick
+from nudgeflow.streams.events import Decoder
+from nudgeflow.streams.topics import Topics
 
 log = logging.getLogger("nudgeflow.worker")
 TABLE = "journey-state"

@@ -16,10 +16,10 @@ from typing import Any, Protocol
 
 import orjson
 
-from agents.keys import timer_key, user_key
-from engine import core
-from engine.graph import JourneySet
-from engine.io import (
+from nudgeflow.agents.keys import timer_key, user_key
+from nudgeflow.engine import core
+from nudgeflow.engine.graph import JourneySet
+from nudgeflow.engine.io import (
     CallRequest,
     CallResult,
     Count,
@@ -34,8 +34,8 @@ from engine.io import (
     TimerCleared,
     TimerSet,
 )
-from streams.events import Decoder, Invalid
-from streams.topics import Topics
+from nudgeflow.streams.events import Decoder, Invalid
+from nudgeflow.streams.topics import Topics
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,7 +12,7 @@ from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Producer
 
-from engine.errors import NudgeflowError
+from nudgeflow.engine.errors import NudgeflowError
 
 
 class DeliveryError(NudgeflowError):

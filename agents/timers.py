@@ -19,8 +19,8 @@ import contextlib
 from collections.abc import Callable
 from typing import Any
 
-from agents import metrics
-from agents.keys import TIMER, parse_timer_key, timer_key
+from nudgeflow.agents import metrics
+from nudgeflow.agents.keys import TIMER, parse_timer_key, timer_key
 
 
 def event_time_gate(inputs: list[tuple[bool, int | None]]) -> float:

@@ -21,10 +21,10 @@ from rocksdict import Options, Rdict, WriteBatch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from agents.batch import BatchCore, Message  # noqa: E402
-from engine.loader import load_texts  # noqa: E402
-from streams.events import Decoder  # noqa: E402
-from streams.topics import Topics  # noqa: E402
+from nudgeflow.agents.batch import BatchCore, Message  # noqa: E402
+from nudgeflow.engine.loader import load_texts  # noqa: E402
+from nudgeflow.streams.events import Decoder  # noqa: E402
+from nudgeflow.streams.topics import Topics  # noqa: E402
 
 JOURNEY = """\
 journey: peers-cart

@@ -33,8 +33,8 @@ from prometheus_client.parser import text_string_to_metric_families
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from nudgeflow.broker import EmbeddedBroker, die_with_parent, ensure_topics, free_port  # noqa: E402
+from nudgeflow.streams.topics import Topics  # noqa: E402
 from nudgeflow.worker import all_topics  # noqa: E402
-from streams.topics import Topics  # noqa: E402
 
 PEERS = ROOT.parent / "shared" / "peers"
 JOURNEY = """\

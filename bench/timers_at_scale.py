@@ -34,13 +34,13 @@ from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from agents.keys import timer_key, user_key  # noqa: E402
-from engine.core import process  # noqa: E402
-from engine.io import Event  # noqa: E402
-from engine.loader import load_journeys  # noqa: E402
+from nudgeflow.agents.keys import timer_key, user_key  # noqa: E402
 from nudgeflow.broker import EmbeddedBroker, die_with_parent, ensure_topics, free_port  # noqa: E402
+from nudgeflow.engine.core import process  # noqa: E402
+from nudgeflow.engine.io import Event  # noqa: E402
+from nudgeflow.engine.loader import load_journeys  # noqa: E402
+from nudgeflow.streams.topics import Topics  # noqa: E402
 from nudgeflow.worker import all_topics  # noqa: E402
-from streams.topics import Topics  # noqa: E402
 
 JOURNEY = """\
 journey: bench-timers
@@ -200,7 +200,7 @@ def main() -> None:
         # 1. load pending timers into the changelog
         now = int(time.time() * 1000)
         tpl = process(None, Event("TEMPLATE", "add_to_cart", now, {"product": "sku"}), now, js).state
-        tpl["inst"]["bench-timers"]["wake"] = 1_111_111_111_111_111
+        tpl["instances"]["bench-timers"]["wake"] = 1_111_111_111_111_111
         raw = orjson.dumps({"s": tpl, "o": {}})
         t = time.perf_counter()
         p = producer(bs)

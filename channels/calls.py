@@ -19,9 +19,9 @@ import httpx
 import orjson
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_exponential
 
-from channels.clients import channel_consumer, feedback_producer, ok_messages
-from channels.sender import DeliveredKeys
-from streams.topics import Topics
+from nudgeflow.channels.clients import channel_consumer, feedback_producer, ok_messages
+from nudgeflow.channels.sender import DeliveredKeys
+from nudgeflow.streams.topics import Topics
 
 log = logging.getLogger("nudgeflow.calls")
 

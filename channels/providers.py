@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from typing import Protocol, TextIO
 
-from engine.io import SendRequest
+from nudgeflow.engine.io import SendRequest
 
 
 class Unreachable(Exception):

@@ -20,7 +20,7 @@ from typing import Any
 
 from pydantic import TypeAdapter
 
-from engine.io import SendRequest
+from nudgeflow.engine.io import SendRequest
 
 _ADAPTER = TypeAdapter(SendRequest)
 

@@ -15,10 +15,10 @@ import orjson
 from pydantic import ValidationError
 from rocksdict import Options, Rdict
 
-from channels.clients import channel_consumer, feedback_producer, ok_messages, run_until_signalled
-from channels.providers import Provider, Unreachable
-from channels.requests import parse_send_request
-from streams.topics import Topics
+from nudgeflow.channels.clients import channel_consumer, feedback_producer, ok_messages, run_until_signalled
+from nudgeflow.channels.providers import Provider, Unreachable
+from nudgeflow.channels.requests import parse_send_request
+from nudgeflow.streams.topics import Topics
 
 log = logging.getLogger("nudgeflow.sender")
 

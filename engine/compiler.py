@@ -7,18 +7,18 @@ templates and time zones are well-formed, and segments referenced are defined.
 
 from __future__ import annotations
 
-import datetime as dt
 import zoneinfo
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, assert_never
 
 from pydantic import BaseModel, ValidationError
 
-from engine import graph as g
-from engine import schema as s
-from engine.durations import parse_duration
-from engine.predicates import CounterRegistry, SpecError, compile_condition, compile_where
-from engine.templates import TemplateError, Text, compile_value
+from nudgeflow.engine import graph as g
+from nudgeflow.engine import schema as s
+from nudgeflow.engine.durations import parse_duration
+from nudgeflow.engine.predicates import CounterRegistry, SpecError, compile_condition, compile_where
+from nudgeflow.engine.templates import TemplateError, Text, compile_value
+from nudgeflow.engine.timeparse import datetime_to_ms
 
 Path = tuple[str | int, ...]
 DAYS = {"mon": 0, "tue": 1, "wed": 2, "thu": 3, "fri": 4, "sat": 5, "sun": 6}
@@ -61,14 +61,6 @@ def _validate(model: type[BaseModel], raw: Any, path: Path) -> Any:
 class _Many(Exception):
     def __init__(self, errors: list[CompileError]) -> None:
         self.errors = errors
-
-
-def _ms(d: dt.datetime | dt.date) -> int:
-    if not isinstance(d, dt.datetime):
-        d = dt.datetime(d.year, d.month, d.day)
-    if d.tzinfo is None:
-        d = d.replace(tzinfo=dt.UTC)
-    return int(d.timestamp() * 1000)
 
 
 def compile_segments(raw: Mapping[str, Any], reg: CounterRegistry) -> tuple[dict[str, Any], list[CompileError]]:
@@ -144,8 +136,8 @@ def compile_journey(raw: Any, file: str, reg: CounterRegistry, segments: set[str
         cap_max=e.cap.max if e.cap else None,
         cap_per=parse_duration(e.cap.per) if e.cap and e.cap.per else None,
         restart=e.while_active == "restart",
-        starts_at=_ms(e.starts_at) if e.starts_at else None,
-        ends_at=_ms(e.ends_at) if e.ends_at else None,
+        starts_at=datetime_to_ms(e.starts_at) if e.starts_at else None,
+        ends_at=datetime_to_ms(e.ends_at) if e.ends_at else None,
     )
     goal = None
     if jf.goal:
@@ -178,7 +170,7 @@ def compile_journey(raw: Any, file: str, reg: CounterRegistry, segments: set[str
             errors.extend(m.errors)
             continue
         try:
-            nodes[sid] = _node(kind, sid, step, follow, path, where, cond, reg)
+            nodes[sid] = _Steps(sid, follow, path, where, cond, reg).node(step)
         except CompileError as ce:
             errors.append(ce)
 
@@ -213,20 +205,55 @@ def _message(m: s.Content, channel: str, fallback: s.Fallback | None, path: Path
     return g.Message(channel, m.template, content, data, fb)
 
 
-def _node(kind: str, sid: str, st: Any, follow: str, path: Path, where: Any, cond: Any, reg: CounterRegistry) -> g.Node:
-    nxt = getattr(st, "next", None) or follow
-    if kind == "send":
-        return g.Send(sid, _message(st, st.send, st.fallback, path), nxt)
-    if kind == "wait":
-        return g.Wait(sid, parse_duration(st.wait), nxt)
-    if kind == "wait_until":
+class _Steps:
+    """Step models -> graph nodes, one method per step kind (`compile_<kind>`)."""
+
+    def __init__(self, sid: str, follow: str, path: Path, where: Any, cond: Any, reg: CounterRegistry) -> None:
+        self.sid, self.follow, self.path, self.where, self.cond, self.reg = sid, follow, path, where, cond, reg
+
+    def node(self, step: s.StepModel) -> g.Node:
+        match step:
+            case s.SendStep():
+                return self.compile_send(step)
+            case s.WaitStep():
+                return g.Wait(self.sid, parse_duration(step.wait), self.next(step.next))
+            case s.WaitUntilStep():
+                return self.compile_wait_until(step)
+            case s.WaitWindowStep():
+                return self.compile_wait_window(step)
+            case s.WaitForStep():
+                return self.compile_wait_for(step)
+            case s.IfStep():
+                cond = self.cond(step.if_, (*self.path, "if"))
+                return g.Branch(self.sid, ((cond, step.then or self.follow),), step.else_ or self.follow)
+            case s.BranchStep():
+                return self.compile_branch(step)
+            case s.SplitStep():
+                return self.compile_split(step)
+            case s.UpdateStep():
+                return self.compile_update(step)
+            case s.CallStep():
+                return self.compile_call(step)
+            case s.EndStep():
+                return g.End(self.sid)
+            case _:
+                assert_never(step)
+
+    def next(self, explicit: str | None) -> str:
+        return explicit or self.follow
+
+    def compile_send(self, st: s.SendStep) -> g.Send:
+        return g.Send(self.sid, _message(st, st.send, st.fallback, self.path), self.next(st.next))
+
+    def compile_wait_until(self, st: s.WaitUntilStep) -> g.WaitUntil:
         w = st.wait_until
         if isinstance(w, s.UntilAttribute):
             off = parse_duration(w.offset, allow_negative=True) if w.offset else 0
-            return g.WaitUntil(sid, None, w.attribute, off, st.if_missing, nxt)
-        return g.WaitUntil(sid, _ms(w), None, 0, st.if_missing, nxt)
-    if kind == "wait_window":
-        w = st.wait_window
+            return g.WaitUntil(self.sid, None, w.attribute, off, st.if_missing, self.next(st.next))
+        return g.WaitUntil(self.sid, datetime_to_ms(w), None, 0, st.if_missing, self.next(st.next))
+
+    def compile_wait_window(self, st: s.WaitWindowStep) -> g.WaitWindow:
+        w, path = st.wait_window, self.path
         tz = w.timezone
         if not tz.startswith("attribute:"):
             try:
@@ -236,59 +263,61 @@ def _node(kind: str, sid: str, st: Any, follow: str, path: Path, where: Any, con
         start, end = _minutes(w.start), _minutes(w.end)
         if start is None or end is None or start >= end:
             raise CompileError((*path, "wait_window"), "'from' and 'to' must be HH:MM with from < to")
-        return g.WaitWindow(sid, frozenset(DAYS[d] for d in w.days), start, end, tz, nxt)
-    if kind == "wait_for":
+        return g.WaitWindow(self.sid, frozenset(DAYS[d] for d in w.days), start, end, tz, self.next(st.next))
+
+    def compile_wait_for(self, st: s.WaitForStep) -> g.WaitFor:
         spec = st.where
         return g.WaitFor(
-            sid,
+            self.sid,
             st.wait_for,
-            where(spec, (*path, "where")),
-            reg.need(st.wait_for, spec, None, 1),
+            self.where(spec, (*self.path, "where")),
+            self.reg.need(st.wait_for, spec, None, 1),
             parse_duration(st.timeout),
             st.on_timeout,
-            nxt,
+            self.next(st.next),
         )
-    if kind == "if":
-        return g.Branch(sid, ((cond(st.if_, (*path, "if")), st.then or follow),), st.else_ or follow)
-    if kind == "branch":
-        cases = tuple((cond(c.when, (*path, "branch", i, "when")), c.next) for i, c in enumerate(st.branch))
-        return g.Branch(sid, cases, st.otherwise or follow)
-    if kind == "split":
+
+    def compile_branch(self, st: s.BranchStep) -> g.Branch:
+        cases = tuple((self.cond(c.when, (*self.path, "branch", i, "when")), c.next) for i, c in enumerate(st.branch))
+        return g.Branch(self.sid, cases, st.otherwise or self.follow)
+
+    def compile_split(self, st: s.SplitStep) -> g.Split:
         total, arms = 0, []
         for arm in st.split:
             total += arm.percent
             if arm.control and arm.next:
-                raise CompileError((*path, "split"), "a control arm receives nothing: it has no 'next'")
-            arms.append((total, g.END if arm.control else (arm.next or follow)))
+                raise CompileError((*self.path, "split"), "a control arm receives nothing: it has no 'next'")
+            arms.append((total, g.END if arm.control else (arm.next or self.follow)))
         if total != 100:
-            raise CompileError((*path, "split"), f"percentages must add up to 100, not {total}")
-        return g.Split(sid, tuple(arms))
-    if kind == "update":
+            raise CompileError((*self.path, "split"), f"percentages must add up to 100, not {total}")
+        return g.Split(self.sid, tuple(arms))
+
+    def compile_update(self, st: s.UpdateStep) -> g.Update:
         u = st.update
         if not (u.set or u.increment or u.unset):
-            raise CompileError((*path, "update"), "an update needs set, increment or unset")
+            raise CompileError((*self.path, "update"), "an update needs set, increment or unset")
         try:
             values = compile_value(dict(u.set))
         except TemplateError as e:
-            raise CompileError((*path, "update", "set"), str(e)) from None
-        return g.Update(sid, values, dict(u.increment), tuple(u.unset), nxt)
-    if kind == "call":
+            raise CompileError((*self.path, "update", "set"), str(e)) from None
+        return g.Update(self.sid, values, dict(u.increment), tuple(u.unset), self.next(st.next))
+
+    def compile_call(self, st: s.CallStep) -> g.Call:
         try:
             body, headers = compile_value(st.body), compile_value(st.headers)
         except TemplateError as e:
-            raise CompileError(path, str(e)) from None
+            raise CompileError(self.path, str(e)) from None
         return g.Call(
-            sid,
-            _text(st.call, (*path, "call")),
+            self.sid,
+            _text(st.call, (*self.path, "call")),
             st.method,
             headers,
             body,
             st.save_as,
             parse_duration(st.timeout),
             st.on_error or g.END,
-            nxt,
+            self.next(st.next),
         )
-    return g.End(sid)
 
 
 def _minutes(hhmm: str) -> int | None:
@@ -298,18 +327,21 @@ def _minutes(hhmm: str) -> int | None:
 
 def _successors(n: g.Node) -> list[tuple[str, str]]:
     """(field, target) pairs of a node."""
-    if isinstance(n, g.End):
-        return []
-    if isinstance(n, g.Branch):
-        return [("branch", t) for _, t in n.cases] + [("otherwise", n.otherwise)]
-    if isinstance(n, g.Split):
-        return [("split", t) for _, t in n.arms]
-    out = [("next", n.next)]
-    if isinstance(n, g.WaitFor):
-        out.append(("on_timeout", n.on_timeout))
-    if isinstance(n, g.Call):
-        out.append(("on_error", n.on_error))
-    return out
+    match n:
+        case g.End():
+            return []
+        case g.Branch():
+            return [("branch", t) for _, t in n.cases] + [("otherwise", n.otherwise)]
+        case g.Split():
+            return [("split", t) for _, t in n.arms]
+        case g.WaitFor():
+            return [("next", n.next), ("on_timeout", n.on_timeout)]
+        case g.Call():
+            return [("next", n.next), ("on_error", n.on_error)]
+        case g.Send() | g.Wait() | g.WaitUntil() | g.WaitWindow() | g.Update():
+            return [("next", n.next)]
+        case _:
+            assert_never(n)
 
 
 def _check_graph(nodes: dict[str, g.Node], ids: list[str]) -> list[CompileError]:

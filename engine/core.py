@@ -28,13 +28,14 @@ import datetime as dt
 import hashlib
 import zoneinfo
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, assert_never
 
-from engine import graph as g
-from engine.io import (
+from nudgeflow.engine import graph as g
+from nudgeflow.engine.io import (
     CallRequest,
     CallResult,
     Count,
+    CountKind,
     Effect,
     Enroll,
     Event,
@@ -48,24 +49,15 @@ from engine.io import (
     TimerCleared,
     TimerSet,
 )
-from engine.predicates import MAX_HISTORY, reachable
-from engine.templates import render_value
+from nudgeflow.engine.predicates import MAX_HISTORY, reachable
+from nudgeflow.engine.state import Instance, UserState, clone, new_state, next_wake
+from nudgeflow.engine.templates import render_value
+from nudgeflow.engine.timeparse import iso_to_ms
 
-State = dict[str, Any]
+__all__ = ["idempotency_key", "new_state", "next_wake", "process"]
+
 MAX_STEPS_PER_RUN = 200
 PAUSE_RECHECK_MS = 3_600_000
-
-
-def new_state() -> State:
-    return {"clock": 0, "inst": {}, "done": {}, "entries": {}, "profile": {}, "hist": {}}
-
-
-def next_wake(state: Mapping[str, Any] | None) -> int | None:
-    """The earliest time any of this user's instances must run, or None."""
-    if not state:
-        return None
-    wakes = [i["wake"] for i in state["inst"].values() if i["wake"] is not None]
-    return min(wakes) if wakes else None
 
 
 def idempotency_key(journey: str, user: str, instance: int, step: str, k: int) -> str:
@@ -73,23 +65,28 @@ def idempotency_key(journey: str, user: str, instance: int, step: str, k: int) -
     return hashlib.sha256(raw).hexdigest()[:32]
 
 
-def process(state: Mapping[str, Any] | None, inp: Input, now: int, js: g.JourneySet) -> Result:
+def process(state: UserState | None, inp: Input, now: int, js: g.JourneySet) -> Result:
     """Apply one input at time `now` to one user's state."""
     if isinstance(inp, Event) and inp.name not in js.watched:
         wake = next_wake(state)
         if wake is None or wake > now:  # fast path: nothing to do for this event
-            return Result(dict(state) if state else new_state(), [], changed=False)
+            return Result(state if state else new_state(), [], changed=False)
     run = _Run(state, inp.user_id, js)
     run.apply(inp, now)
     return run.finish(now)
 
 
 class _Run:
-    """One call of `process`: a private copy of the state and the effects so far."""
+    """One call of `process`: a private copy of the state and the effects so far.
 
-    def __init__(self, state: Mapping[str, Any] | None, user: str, js: g.JourneySet) -> None:
+    Inputs are dispatched by `apply` (one `on_<input>` method per input kind), steps by `run`
+    (one `run_<step>` method per step kind) and timers by `wake`; every dispatch is a `match`
+    that mypy checks for exhaustiveness, so a new kind cannot be forgotten silently.
+    """
+
+    def __init__(self, state: UserState | None, user: str, js: g.JourneySet) -> None:
         self.old_wake = next_wake(state)
-        self.st = _clone(state) if state else new_state()
+        self.st = clone(state) if state else new_state()
         self.user, self.js, self.fx = user, js, list[Effect]()
         self.event_props: Mapping[str, Any] | None = None
 
@@ -98,31 +95,29 @@ class _Run:
     def apply(self, inp: Input, now: int) -> None:
         clock = self.st["clock"]
         self.advance(now)
-        if isinstance(inp, Event):
-            self.on_event(inp, now)
-        elif isinstance(inp, ProfileUpdate):
-            self.on_profile(inp.attributes, now)
-        elif isinstance(inp, Enroll):
-            j = self.js.journeys.get(inp.journey)
-            if j is not None and j.entry.enrolled:
-                self.try_enter(j, now, dict(inp.props), None)
-            elif j is not None:
-                self.count("skipped", j.id, "not_enrollable")
-        elif isinstance(inp, CallResult):
-            self.on_call_result(inp, now)
-        elif isinstance(inp, Feedback):
-            if inp.status in ("unreachable", "reachable"):
-                self.st["profile"][f"reachable_{inp.channel}"] = inp.status == "reachable"
-        elif not isinstance(inp, Tick):
-            raise TypeError(f"not an engine input: {inp!r}")
+        match inp:
+            case Event():
+                self.on_event(inp, now)
+            case ProfileUpdate():
+                self.on_profile(inp.attributes, now)
+            case Enroll():
+                self.on_enroll(inp, now)
+            case CallResult():
+                self.on_call_result(inp, now)
+            case Feedback():
+                self.on_feedback(inp)
+            case Tick():
+                pass  # advance() above ran everything due
+            case _:
+                assert_never(inp)
         if clock > now:  # a late input may have started waits that are already over
             self.advance(clock)
 
     def finish(self, now: int) -> Result:
         st = self.st
         st["clock"] = max(st["clock"], now)
-        for jid in [j for j, d in st["done"].items() if d["until"] < st["clock"]]:
-            del st["done"][jid]
+        for jid in [j for j, d in st["attribution"].items() if d["until"] < st["clock"]]:
+            del st["attribution"][jid]
         new = next_wake(st)
         if new != self.old_wake:
             if self.old_wake is not None:
@@ -138,11 +133,11 @@ class _Run:
         for c in js.counters_by_event.get(ev.name, ()):
             if c.where(ev.props):
                 self.remember(c.id, ev.ts, c.keep_ms, c.keep_n)
-        for jid in sorted(st["inst"]):
+        for jid in sorted(st["instances"]):
             j = self.journey_of(jid, t)
             if j is None:
                 continue
-            node = j.steps[st["inst"][jid]["step"]]
+            node = j.steps[st["instances"][jid]["step"]]
             # a step waiting for exactly this event takes its "performed" branch, even when the
             # event is also the goal or an exit: the flow says explicitly what happens next
             performed = isinstance(node, g.WaitFor) and node.event == ev.name and node.where(ev.props)
@@ -158,10 +153,10 @@ class _Run:
                 assert isinstance(node, g.WaitFor)
                 self.count("step", j.id, f"{node.id}:performed")
                 self.move(j, node.next, t)
-        for jid, done in list(st["done"].items()):
+        for jid, done in list(st["attribution"].items()):
             j = js.journeys.get(jid)
             if j and j.goal and j.goal.rule.event == ev.name and t <= done["until"] and j.goal.rule.where(ev.props):
-                del st["done"][jid]
+                del st["attribution"][jid]
                 self.count("converted", jid, "after_exit")
         for j in js.by_trigger.get(ev.name, ()):
             if j.entry.where(ev.props):
@@ -187,8 +182,19 @@ class _Run:
         if before is not None:
             self.segment_entries(before, t)
 
+    def on_enroll(self, inp: Enroll, t: int) -> None:
+        j = self.js.journeys.get(inp.journey)
+        if j is not None and j.entry.enrolled:
+            self.try_enter(j, t, dict(inp.props), None)
+        elif j is not None:
+            self.count("skipped", j.id, "not_enrollable")
+
+    def on_feedback(self, inp: Feedback) -> None:
+        if inp.status in ("unreachable", "reachable"):
+            self.st["profile"][f"reachable_{inp.channel}"] = inp.status == "reachable"
+
     def on_call_result(self, res: CallResult, t: int) -> None:
-        for jid, inst in list(self.st["inst"].items()):
+        for jid, inst in list(self.st["instances"].items()):
             if inst.get("call") != res.key:
                 continue
             j = self.journey_of(jid, t)
@@ -218,14 +224,14 @@ class _Run:
             ):
                 self.try_enter(j, t, {}, None)
 
-    def in_segment(self, name: str, t: int, inst: Mapping[str, Any] | None = None) -> bool:
+    def in_segment(self, name: str, t: int, inst: Instance | None = None) -> bool:
         cond = self.js.segments.get(name)
         return bool(cond and cond(_Ctx(self, t, inst)))
 
     # --- histories -------------------------------------------------------------------------
 
     def remember(self, cid: str, ts: int, keep_ms: int | None, keep_n: int) -> None:
-        h = self.st["hist"].setdefault(cid, [])
+        h = self.st["history"].setdefault(cid, [])
         bisect.insort(h, ts)
         if keep_ms is not None:
             horizon = max(h[-1], self.st["clock"]) - keep_ms
@@ -234,56 +240,59 @@ class _Run:
         del h[: max(0, len(h) - min(keep_n, MAX_HISTORY))]
 
     def count_since(self, cid: str, since: int) -> int:
-        h = self.st["hist"].get(cid)
+        h = self.st["history"].get(cid)
         return len(h) - bisect.bisect_left(h, since) if h else 0
 
     def last_seen(self, cid: str) -> int | None:
-        h = self.st["hist"].get(cid)
+        h = self.st["history"].get(cid)
         return h[-1] if h else None
 
     # --- entering and leaving --------------------------------------------------------------
 
-    def try_enter(self, j: g.Journey, t: int, trigger: dict[str, Any], event_id: str | None) -> None:
+    def refusal(self, j: g.Journey, t: int) -> str | None:
+        """Why the user may not enter `j` now, or None."""
         e, st = j.entry, self.st
-        reason = None
         if j.status != "active":
-            reason = j.status
-        elif (e.starts_at is not None and t < e.starts_at) or (e.ends_at is not None and t >= e.ends_at):
-            reason = "outside_schedule"
-        elif e.audience and not any(self.in_segment(s, t) for s in e.audience):
-            reason = "audience"
-        elif j.id in st["inst"] and not e.restart:
-            reason = "already_in_journey"
-        else:
-            hist = st["entries"].get(j.id, {"n": 0, "ts": []})
-            if e.once and hist["n"] > 0:
-                reason = "once"
-            elif e.lock is not None and hist["ts"] and t < hist["ts"][-1] + e.lock:
-                reason = "locked"
-            elif e.cap_max is not None:
-                recent = [x for x in hist["ts"] if e.cap_per is None or x > t - e.cap_per]
-                n = hist["n"] if e.cap_per is None else len(recent)
-                if n >= e.cap_max:
-                    reason = "capped"
+            return j.status
+        if (e.starts_at is not None and t < e.starts_at) or (e.ends_at is not None and t >= e.ends_at):
+            return "outside_schedule"
+        if e.audience and not any(self.in_segment(s, t) for s in e.audience):
+            return "audience"
+        if j.id in st["instances"] and not e.restart:
+            return "already_in_journey"
+        hist = st["entries"].get(j.id, {"count": 0, "times": []})
+        if e.once and hist["count"] > 0:
+            return "once"
+        if e.lock is not None and hist["times"] and t < hist["times"][-1] + e.lock:
+            return "locked"
+        if e.cap_max is not None:
+            n = hist["count"] if e.cap_per is None else sum(1 for x in hist["times"] if x > t - e.cap_per)
+            if n >= e.cap_max:
+                return "capped"
+        return None
+
+    def try_enter(self, j: g.Journey, t: int, trigger: dict[str, Any], event_id: str | None) -> None:
+        reason = self.refusal(j, t)
         if reason is not None:
             self.count("skipped", j.id, reason)
             return
-        if j.id in st["inst"]:
+        st = self.st
+        if j.id in st["instances"]:
             self.exit(j, "restarted", t)
-        hist = st["entries"].get(j.id, {"n": 0, "ts": []})
-        keep = max(e.cap_max or 1, 1)
-        st["entries"][j.id] = {"n": hist["n"] + 1, "ts": [*hist["ts"], t][-keep:]}
-        st["done"].pop(j.id, None)
-        st["inst"][j.id] = {
-            "v": j.version,
-            "n": hist["n"] + 1,
+        n = st["entries"].get(j.id, {"count": 0, "times": []})["count"] + 1
+        times = st["entries"].get(j.id, {"count": 0, "times": []})["times"]
+        st["entries"][j.id] = {"count": n, "times": [*times, t][-max(j.entry.cap_max or 1, 1) :]}
+        st["attribution"].pop(j.id, None)
+        st["instances"][j.id] = {
+            "version": j.version,
+            "entry_no": n,
             "step": j.first,
             "since": t,
             "wake": None,
-            "k": 0,
+            "moves": 0,
             "entered": t,
             "trigger": trigger,
-            "tid": event_id,
+            "trigger_event_id": event_id,
             "vars": {},
             "converted": False,
         }
@@ -303,9 +312,9 @@ class _Run:
             return
         at, kind = min(pending)
         st = self.st
-        while (inst := st["inst"].get(j.id)) is not None and inst["wake"] is not None and inst["wake"] <= at:
-            self.wake(j, inst["wake"])
-        if j.id in st["inst"]:
+        while (inst := st["instances"].get(j.id)) is not None and (due := inst["wake"]) is not None and due <= at:
+            self.wake(j, due)
+        if j.id in st["instances"]:
             if kind == 0:
                 assert j.goal is not None
                 self.convert(j, at)
@@ -313,12 +322,12 @@ class _Run:
                     self.exit(j, "converted", at)
             else:
                 self.exit(j, "exit_event", at)
-        elif kind == 0 and j.id in st["done"] and at <= st["done"][j.id]["until"]:
-            del st["done"][j.id]
+        elif kind == 0 and j.id in st["attribution"] and at <= st["attribution"][j.id]["until"]:
+            del st["attribution"][j.id]
             self.count("converted", j.id, "after_exit")
 
     def convert(self, j: g.Journey, t: int) -> None:
-        inst = self.st["inst"][j.id]
+        inst = self.st["instances"][j.id]
         if inst["converted"]:
             return
         assert j.goal is not None
@@ -327,35 +336,35 @@ class _Run:
             self.count("converted", j.id)
 
     def exit(self, j: g.Journey, reason: str, t: int) -> None:
-        inst = self.st["inst"].pop(j.id)
+        inst = self.st["instances"].pop(j.id)
         self.count("exited", j.id, reason)
         if j.goal and j.goal.within and not inst["converted"] and reason != "restarted":
             until = inst["entered"] + j.goal.within
             if until >= t:
-                self.st["done"][j.id] = {"n": inst["n"], "until": until}
+                self.st["attribution"][j.id] = {"entry_no": inst["entry_no"], "until": until}
 
     def journey_of(self, jid: str, t: int) -> g.Journey | None:
         """The journey an instance runs, after applying edits; None if the instance had to leave."""
-        inst = self.st["inst"][jid]
+        inst = self.st["instances"][jid]
         j = self.js.journeys.get(jid)
         if j is None:
-            del self.st["inst"][jid]
+            del self.st["instances"][jid]
             self.count("exited", jid, "journey_removed")
             return None
-        if inst["v"] != j.version:
+        if inst["version"] != j.version:
             if inst["step"] not in j.steps:
                 self.exit(j, "step_removed", t)
                 return None
-            inst["v"] = j.version
+            inst["version"] = j.version
         return j
 
-    # --- running steps ---------------------------------------------------------------------
+    # --- timers ----------------------------------------------------------------------------
 
     def advance(self, until: int) -> None:
         """Run every instance whose wake time is <= until, earliest first, each at its own due time."""
         while True:
             due = [
-                (i["wake"], jid) for jid, i in self.st["inst"].items() if i["wake"] is not None and i["wake"] <= until
+                (w, jid) for jid, i in self.st["instances"].items() if (w := i["wake"]) is not None and w <= until
             ]
             if not due:
                 return
@@ -365,7 +374,8 @@ class _Run:
                 self.wake(j, wake)
 
     def wake(self, j: g.Journey, t: int) -> None:
-        inst = self.st["inst"][j.id]
+        """The instance's wake time came: its waiting step ends (elapsed, timed out)."""
+        inst = self.st["instances"][j.id]
         inst["wake"] = None
         if j.status == "paused":
             inst["wake"] = t + PAUSE_RECHECK_MS
@@ -374,136 +384,133 @@ class _Run:
             self.exit(j, "journey_stopped", t)
             return
         node = j.steps[inst["step"]]
-        if isinstance(node, g.WaitFor):
-            self.count("step", j.id, f"{node.id}:timed_out")
-            self.move(j, node.on_timeout, t)
-        elif isinstance(node, g.Call):
-            inst.pop("call", None)
-            self.count("step", j.id, f"{node.id}:timed_out")
-            self.move(j, node.on_error, t)
-        elif isinstance(node, (g.Wait, g.WaitUntil, g.WaitWindow)):
-            self.move(j, node.next, t)
-        else:  # not a waiting step (e.g. after an edit): carry on from here
-            self.run(j, t)
+        match node:
+            case g.WaitFor():
+                self.count("step", j.id, f"{node.id}:timed_out")
+                self.move(j, node.on_timeout, t)
+            case g.Call():
+                inst.pop("call", None)
+                self.count("step", j.id, f"{node.id}:timed_out")
+                self.move(j, node.on_error, t)
+            case g.Wait() | g.WaitUntil() | g.WaitWindow():
+                self.move(j, node.next, t)
+            case g.Send() | g.Branch() | g.Split() | g.Update() | g.End():
+                self.run(j, t)  # not a waiting step (e.g. after an edit): carry on from here
+            case _:
+                assert_never(node)
 
     def move(self, j: g.Journey, target: str, t: int) -> None:
-        inst = self.st["inst"][j.id]
+        inst = self.st["instances"][j.id]
         if target == g.END:
             self.exit(j, "completed", t)
             return
-        inst.update(step=target, since=t, wake=None, k=inst["k"] + 1)
+        _goto(inst, target, t)
         inst.pop("call", None)
         self.run(j, t)
 
+    # --- running steps ---------------------------------------------------------------------
+    #
+    # Each run_<kind> executes its step at time t and returns the next step id (g.END leaves the
+    # journey), or None when the instance stops here: it waits (its wake time is set) or left.
+
     def run(self, j: g.Journey, t: int) -> None:
         """Execute steps from the instance's current step until one waits or the journey ends."""
-        st = self.st
+        instances = self.st["instances"]
         for _ in range(MAX_STEPS_PER_RUN):
-            inst = st["inst"][j.id]
+            inst = instances[j.id]
             node = j.steps[inst["step"]]
             self.count("visit", j.id, node.id)
-            target: str
-            if isinstance(node, g.Send):
-                self.send(j, inst, node, t)
-                target = node.next
-            elif isinstance(node, g.Wait):
-                inst["wake"] = t + node.ms
-                return
-            elif isinstance(node, g.WaitUntil):
-                at = self.until(node, inst, t)
-                if at is None:
-                    if node.if_missing == "end":
-                        self.exit(j, "attribute_missing", t)
-                        return
-                    target = node.next
-                elif at > t:
-                    inst["wake"] = at
-                    return
-                else:
-                    target = node.next
-            elif isinstance(node, g.WaitWindow):
-                at = _next_window(node, t, st["profile"])
-                if at > t:
-                    inst["wake"] = at
-                    return
-                target = node.next
-            elif isinstance(node, g.WaitFor):
-                seen = self.last_seen(node.counter)
-                if seen is not None and seen > inst["since"]:
-                    target = node.next  # it already happened (processed before this step began)
-                else:
-                    inst["wake"] = t + node.timeout
-                    return
-            elif isinstance(node, g.Branch):
-                ctx = _Ctx(self, t, inst)
-                target = next((nxt for cond, nxt in node.cases if cond(ctx)), node.otherwise)
-            elif isinstance(node, g.Split):
-                bucket = (
-                    int(hashlib.sha1(f"{j.id}|{self.user}|{inst['n']}|{node.id}".encode()).hexdigest()[:8], 16) % 100
-                )
-                target = next(nxt for upper, nxt in node.arms if bucket < upper)
-                if target == g.END:
-                    self.count("step", j.id, f"{node.id}:control")
-            elif isinstance(node, g.Update):
-                self.update_profile(j, node, inst, t)
-                target = node.next
-            elif isinstance(node, g.Call):
-                self.call(j, inst, node, t)
-                return
-            else:  # End
-                self.exit(j, "completed", t)
+            target = self.run_step(j, inst, node, t)
+            if target is None:
                 return
             if target == g.END:
                 self.exit(j, "completed", t)
                 return
-            inst.update(step=target, since=t, wake=None, k=inst["k"] + 1)
+            _goto(inst, target, t)
         self.exit(j, "loop_guard", t)
 
-    def context(self, j: g.Journey, inst: Mapping[str, Any]) -> dict[str, Any]:
-        return {
-            "trigger": inst["trigger"],
-            "event": self.event_props if self.event_props is not None else inst["trigger"],
-            "profile": self.st["profile"],
-            "vars": inst["vars"],
-            "user": {"id": self.user},
-            "journey": {"id": j.id, "name": j.name, "version": j.version},
-        }
+    def run_step(self, j: g.Journey, inst: Instance, node: g.Node, t: int) -> str | None:
+        match node:
+            case g.Send():
+                return self.run_send(j, inst, node, t)
+            case g.Wait():
+                inst["wake"] = t + node.ms
+                return None
+            case g.WaitUntil():
+                return self.run_wait_until(j, inst, node, t)
+            case g.WaitWindow():
+                return self.run_wait_window(inst, node, t)
+            case g.WaitFor():
+                return self.run_wait_for(inst, node, t)
+            case g.Branch():
+                ctx = _Ctx(self, t, inst)
+                return next((nxt for cond, nxt in node.cases if cond(ctx)), node.otherwise)
+            case g.Split():
+                return self.run_split(j, inst, node)
+            case g.Update():
+                return self.run_update(j, inst, node, t)
+            case g.Call():
+                self.run_call(j, inst, node, t)
+                return None
+            case g.End():
+                self.exit(j, "completed", t)
+                return None
+            case _:
+                assert_never(node)
 
-    def send(self, j: g.Journey, inst: dict[str, Any], node: g.Send, t: int) -> None:
+    def run_send(self, j: g.Journey, inst: Instance, node: g.Send, t: int) -> str:
         msg: g.Message | None = node.message
         profile = self.st["profile"]
         while msg is not None and not reachable(profile, msg.channel):
             msg = msg.fallback
         if msg is None:
             self.count("unreachable", j.id, node.id)
-            return
-        key = idempotency_key(j.id, self.user, inst["n"], node.id, inst["k"])
-        req = self.render(j, inst, node.id, msg, key, t)
-        self.fx.append(req)
+            return node.next
+        key = idempotency_key(j.id, self.user, inst["entry_no"], node.id, inst["moves"])
+        self.fx.append(self.render(j, inst, node.id, msg, key, t))
         self.count("sent", j.id, msg.channel)
+        return node.next
 
-    def render(self, j: g.Journey, inst: Mapping[str, Any], step: str, msg: g.Message, key: str, t: int) -> SendRequest:
-        ctx = self.context(j, inst)
-        fallback = None
-        if msg.fallback is not None:
-            fallback = self.render(j, inst, step, msg.fallback, key + ":" + msg.fallback.channel, t)
-        return SendRequest(
-            key=key,
-            channel=msg.channel,
-            user_id=self.user,
-            journey=j.id,
-            journey_version=j.version,
-            step=step,
-            instance=inst["n"],
-            template=msg.template,
-            content={k: v.render(ctx) for k, v in msg.content.items()},
-            data=render_value(msg.data, ctx),
-            created_at=t,
-            trigger_event_id=inst["tid"],
-            fallback=fallback,
-        )
+    def run_wait_until(self, j: g.Journey, inst: Instance, node: g.WaitUntil, t: int) -> str | None:
+        if node.at is not None:
+            at: int | None = node.at
+        else:
+            assert node.attribute is not None
+            base = iso_to_ms(self.st["profile"].get(node.attribute))
+            at = None if base is None else base + node.offset
+        if at is None:
+            if node.if_missing == "end":
+                self.exit(j, "attribute_missing", t)
+                return None
+            return node.next
+        if at > t:
+            inst["wake"] = at
+            return None
+        return node.next
 
-    def update_profile(self, j: g.Journey, node: g.Update, inst: Mapping[str, Any], t: int) -> None:
+    def run_wait_window(self, inst: Instance, node: g.WaitWindow, t: int) -> str | None:
+        at = _next_window(node, t, self.st["profile"])
+        if at > t:
+            inst["wake"] = at
+            return None
+        return node.next
+
+    def run_wait_for(self, inst: Instance, node: g.WaitFor, t: int) -> str | None:
+        seen = self.last_seen(node.counter)
+        if seen is not None and seen > inst["since"]:
+            return node.next  # it already happened (processed before this step began)
+        inst["wake"] = t + node.timeout
+        return None
+
+    def run_split(self, j: g.Journey, inst: Instance, node: g.Split) -> str:
+        digest = hashlib.sha1(f"{j.id}|{self.user}|{inst['entry_no']}|{node.id}".encode()).hexdigest()
+        bucket = int(digest[:8], 16) % 100
+        target = next(nxt for upper, nxt in node.arms if bucket < upper)
+        if target == g.END:
+            self.count("step", j.id, f"{node.id}:control")
+        return target
+
+    def run_update(self, j: g.Journey, inst: Instance, node: g.Update, t: int) -> str:
         profile, changes = self.st["profile"], dict[str, Any]()
         rendered = render_value(node.set, {**self.context(j, inst), "now": t})
         for k, v in rendered.items():
@@ -517,10 +524,11 @@ class _Run:
             profile.pop(k, None)
             changes[k] = None
         self.fx.append(ProfileChanged(self.user, changes, t))
+        return node.next
 
-    def call(self, j: g.Journey, inst: dict[str, Any], node: g.Call, t: int) -> None:
+    def run_call(self, j: g.Journey, inst: Instance, node: g.Call, t: int) -> None:
         ctx = self.context(j, inst)
-        key = idempotency_key(j.id, self.user, inst["n"], node.id, inst["k"])
+        key = idempotency_key(j.id, self.user, inst["entry_no"], node.id, inst["moves"])
         inst["call"] = key
         inst["wake"] = t + node.timeout
         self.fx.append(
@@ -538,15 +546,43 @@ class _Run:
             )
         )
 
-    def until(self, node: g.WaitUntil, inst: Mapping[str, Any], t: int) -> int | None:
-        if node.at is not None:
-            return node.at
-        assert node.attribute is not None
-        base = _as_ms(self.st["profile"].get(node.attribute))
-        return None if base is None else base + node.offset
+    def context(self, j: g.Journey, inst: Instance) -> dict[str, Any]:
+        return {
+            "trigger": inst["trigger"],
+            "event": self.event_props if self.event_props is not None else inst["trigger"],
+            "profile": self.st["profile"],
+            "vars": inst["vars"],
+            "user": {"id": self.user},
+            "journey": {"id": j.id, "name": j.name, "version": j.version},
+        }
 
-    def count(self, kind: str, journey: str, detail: str = "") -> None:
+    def render(self, j: g.Journey, inst: Instance, step: str, msg: g.Message, key: str, t: int) -> SendRequest:
+        ctx = self.context(j, inst)
+        fallback = None
+        if msg.fallback is not None:
+            fallback = self.render(j, inst, step, msg.fallback, key + ":" + msg.fallback.channel, t)
+        return SendRequest(
+            key=key,
+            channel=msg.channel,
+            user_id=self.user,
+            journey=j.id,
+            journey_version=j.version,
+            step=step,
+            instance=inst["entry_no"],
+            template=msg.template,
+            content={k: v.render(ctx) for k, v in msg.content.items()},
+            data=render_value(msg.data, ctx),
+            created_at=t,
+            trigger_event_id=inst["trigger_event_id"],
+            fallback=fallback,
+        )
+
+    def count(self, kind: CountKind, journey: str, detail: str = "") -> None:
         self.fx.append(Count(kind, journey, detail))
+
+
+def _goto(inst: Instance, step: str, t: int) -> None:
+    inst["step"], inst["since"], inst["wake"], inst["moves"] = step, t, None, inst["moves"] + 1
 
 
 class _Ctx:
@@ -554,45 +590,17 @@ class _Ctx:
 
     __slots__ = ("inst", "now", "profile", "run", "trigger", "vars")
 
-    def __init__(self, run: _Run, now: int, inst: Mapping[str, Any] | None) -> None:
+    def __init__(self, run: _Run, now: int, inst: Instance | None) -> None:
         self.run, self.now, self.inst = run, now, inst
-        self.profile = run.st["profile"]
-        self.trigger = inst["trigger"] if inst else {}
-        self.vars = inst["vars"] if inst else {}
+        self.profile: Mapping[str, Any] = run.st["profile"]
+        self.trigger: Mapping[str, Any] = inst["trigger"] if inst else {}
+        self.vars: Mapping[str, Any] = inst["vars"] if inst else {}
 
     def count(self, counter: str, since: int) -> int:
         return self.run.count_since(counter, since)
 
     def in_segment(self, name: str) -> bool:
         return self.run.in_segment(name, self.now, self.inst)
-
-
-def _clone(s: Mapping[str, Any]) -> State:
-    return {
-        "clock": s["clock"],
-        "inst": {k: dict(v) for k, v in s["inst"].items()},
-        "done": dict(s["done"]),
-        "entries": dict(s["entries"]),
-        "profile": dict(s["profile"]),
-        "hist": {k: list(v) for k, v in s["hist"].items()},
-    }
-
-
-def _as_ms(v: Any) -> int | None:
-    """A profile date: epoch ms, or ISO-8601 text (a date alone means midnight UTC)."""
-    if isinstance(v, bool):
-        return None
-    if isinstance(v, (int, float)):
-        return int(v)
-    if isinstance(v, str):
-        try:
-            d = dt.datetime.fromisoformat(v.replace("Z", "+00:00"))
-        except ValueError:
-            return None
-        if d.tzinfo is None:
-            d = d.replace(tzinfo=dt.UTC)
-        return int(d.timestamp() * 1000)
-    return None
 
 
 def _next_window(node: g.WaitWindow, t: int, profile: Mapping[str, Any]) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from engine.errors import DurationError
+from nudgeflow.engine.errors import DurationError
 
 MS = {
     "ms": 1,

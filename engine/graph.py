@@ -10,8 +10,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.predicates import Cond, Counter, Filter
-from engine.templates import Text
+from nudgeflow.engine.predicates import Cond, Counter, Filter
+from nudgeflow.engine.templates import Text
 
 END = "end"
 

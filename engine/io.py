@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
+
+from nudgeflow.engine.state import UserState
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,11 +120,15 @@ class CallRequest:
     created_at: int
 
 
+CountKind = Literal["entered", "skipped", "exited", "converted", "visit", "step", "unreachable", "sent"]
+
+
 @dataclass(frozen=True, slots=True)
 class Count:
-    """An analytics count: entered, skipped, exited, converted, sent, unreachable, step."""
+    """An analytics count. `detail` by kind: skipped/exited -> reason; converted -> "" or
+    "after_exit"; visit/unreachable -> step id; step -> "<step>:<outcome>"; sent -> channel."""
 
-    kind: str
+    kind: CountKind
     journey: str
     detail: str = ""
 
@@ -153,6 +159,6 @@ Effect = SendRequest | CallRequest | Count | ProfileChanged | TimerSet | TimerCl
 
 @dataclass(frozen=True, slots=True)
 class Result:
-    state: dict[str, Any]
+    state: UserState
     effects: list[Effect]
     changed: bool = True

@@ -10,11 +10,11 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from engine.compiler import CompileError, _Many, compile_journey, compile_segments
-from engine.errors import JourneyFileError, JourneyFileErrors
-from engine.graph import Journey, JourneySet
-from engine.predicates import CounterRegistry
-from engine.yamlsource import format_path, line_of, load_with_lines
+from nudgeflow.engine.compiler import CompileError, _Many, compile_journey, compile_segments
+from nudgeflow.engine.errors import JourneyFileError, JourneyFileErrors
+from nudgeflow.engine.graph import Journey, JourneySet
+from nudgeflow.engine.predicates import CounterRegistry
+from nudgeflow.engine.yamlsource import format_path, line_of, load_with_lines
 
 SUFFIXES = (".yaml", ".yml")
 

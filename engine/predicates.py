@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 import orjson
 
-from engine.durations import parse_duration
+from nudgeflow.engine.durations import parse_duration
 
 Props = Mapping[str, Any]
 Filter = Callable[[Props], bool]
@@ -262,7 +262,7 @@ def compile_condition(spec: Any, reg: CounterRegistry, segments: set[str] | None
         return lambda c: c.in_segment(seg)
     if keys == {"reachable"}:
         channel = spec["reachable"]
-        from engine.schema import CHANNELS
+        from nudgeflow.engine.schema import CHANNELS
 
         if channel not in CHANNELS:
             raise SpecError(("reachable",), f"unknown channel '{channel}'; use one of {', '.join(CHANNELS)}")

@@ -23,7 +23,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PositiveInt
 
-from engine.durations import parse_duration
+from nudgeflow.engine.durations import parse_duration
 
 CHANNELS = ("email", "sms", "push", "webpush", "whatsapp", "inapp", "webhook")
 Channel = Literal["email", "sms", "push", "webpush", "whatsapp", "inapp", "webhook"]
@@ -223,7 +223,21 @@ class EndStep(Model):
     end: Literal[True]
 
 
-STEP_KINDS: dict[str, type[Model]] = {
+StepModel = (
+    SendStep
+    | WaitStep
+    | WaitUntilStep
+    | WaitWindowStep
+    | WaitForStep
+    | IfStep
+    | BranchStep
+    | SplitStep
+    | UpdateStep
+    | CallStep
+    | EndStep
+)
+
+STEP_KINDS: dict[str, type[StepModel]] = {
     "send": SendStep,
     "wait": WaitStep,
     "wait_until": WaitUntilStep,

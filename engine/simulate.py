@@ -10,11 +10,10 @@ from __future__ import annotations
 import heapq
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
 
-from engine.core import next_wake, process
-from engine.graph import JourneySet
-from engine.io import (
+from nudgeflow.engine.core import next_wake, process
+from nudgeflow.engine.graph import JourneySet
+from nudgeflow.engine.io import (
     Count,
     Effect,
     Enroll,
@@ -25,6 +24,7 @@ from engine.io import (
     Tick,
     TimerSet,
 )
+from nudgeflow.engine.state import UserState
 
 
 def input_time(inp: Input) -> int:
@@ -36,7 +36,7 @@ def input_time(inp: Input) -> int:
 @dataclass
 class Simulator:
     journeys: JourneySet
-    states: dict[str, dict[str, Any]] = field(default_factory=dict)
+    states: dict[str, UserState] = field(default_factory=dict)
     log: list[tuple[int, Effect]] = field(default_factory=list)
     clock: int = 0
     _timers: list[tuple[int, str]] = field(default_factory=list)

@@ -15,6 +15,8 @@ from typing import Any
 from jinja2 import TemplateSyntaxError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from nudgeflow.engine.timeparse import parse_iso
+
 
 class _Env(ImmutableSandboxedEnvironment):
     """Data keys win over methods: `vars.recs.items` is the "items" key, not dict.items()."""
@@ -32,16 +34,15 @@ _HTML = _Env(autoescape=True)  # event data must not inject markup
 def add_duration(value: Any, duration: str) -> str:
     """`{{ add_duration(profile.emi_due_date, "30d") }}`: a date (ISO text or epoch ms) moved by a
     duration; the result keeps the input's form (a date stays a date). Empty when unparseable."""
-    from engine.durations import parse_duration
+    from nudgeflow.engine.durations import parse_duration
 
     ms = parse_duration(duration, allow_negative=True)
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(int(value) + ms)
     if not isinstance(value, str):
         return ""
-    try:
-        d = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
+    d = parse_iso(value)
+    if d is None:
         return ""
     moved = d + dt.timedelta(milliseconds=ms)
     if len(value) == 10:  # YYYY-MM-DD

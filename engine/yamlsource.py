@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from engine.errors import JourneyFileError
+from nudgeflow.engine.errors import JourneyFileError
 
 Path = tuple[str | int, ...]
 

@@ -17,7 +17,7 @@ from typing import IO, Any
 
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from engine.errors import NudgeflowError
+from nudgeflow.engine.errors import NudgeflowError
 
 
 class BrokerError(NudgeflowError):

@@ -17,7 +17,7 @@ from typing import Annotated, Any
 import typer
 from pydantic import ValidationError
 
-from engine.errors import JourneyFileErrors, NudgeflowError
+from nudgeflow.engine.errors import JourneyFileErrors, NudgeflowError
 from nudgeflow.settings import Settings
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -77,10 +77,10 @@ def send(
     data_dir: Annotated[Path | None, typer.Option(help="where delivered keys are kept")] = None,
 ) -> None:
     """Run a sender: deliver the send requests of one channel topic, once per idempotency key."""
-    from channels.providers import ConsoleProvider
-    from channels.sender import Sender, run_sender
-    from engine.schema import CHANNELS
-    from streams.topics import Topics
+    from nudgeflow.channels.providers import ConsoleProvider
+    from nudgeflow.channels.sender import Sender, run_sender
+    from nudgeflow.engine.schema import CHANNELS
+    from nudgeflow.streams.topics import Topics
 
     s = settings(broker=broker, topic_prefix=topic_prefix, data_dir=data_dir)
     if channel not in CHANNELS:
@@ -112,9 +112,9 @@ def calls(
     data_dir: Annotated[Path | None, typer.Option(help="where answered keys are kept")] = None,
 ) -> None:
     """Run the call runner: perform the HTTP calls of `call` steps and feed the answers back."""
-    from channels.calls import CallRunner
-    from channels.clients import run_until_signalled
-    from streams.topics import Topics
+    from nudgeflow.channels.calls import CallRunner
+    from nudgeflow.channels.clients import run_until_signalled
+    from nudgeflow.streams.topics import Topics
 
     s = settings(broker=broker, topic_prefix=topic_prefix, data_dir=data_dir)
     if s.broker == "embedded":
@@ -136,7 +136,7 @@ def enroll(
 ) -> None:
     """Enter a one-off list of users (CSV upload) into a journey."""
     from nudgeflow.enroll import produce_enrollments
-    from streams.topics import CUSTOM_TOPIC, Topics
+    from nudgeflow.streams.topics import CUSTOM_TOPIC, Topics
 
     s = settings(broker=broker, topic_prefix=topic_prefix)
     if s.broker == "embedded":
@@ -153,7 +153,7 @@ def enroll(
 @app.command()
 def validate(paths: Annotated[list[Path], typer.Argument(help="journey files or directories")]) -> None:
     """Check journey and segment files; print what each journey does, or every error."""
-    from engine.loader import load_journeys
+    from nudgeflow.engine.loader import load_journeys
 
     try:
         js = load_journeys(paths)
@@ -181,8 +181,8 @@ def simulate(
     out: Annotated[Path | None, typer.Option(help="write sends.jsonl and summary.jsonl here (default: stdout)")] = None,
 ) -> None:
     """Dry run: journeys over an events file on a virtual clock; sends and a per-step summary."""
-    from engine.loader import load_journeys
     from nudgeflow import simulate as sim_cmd
+    from nudgeflow.engine.loader import load_journeys
 
     until_ms = _parse_time(until) if until else None
     try:
@@ -199,22 +199,21 @@ def simulate(
 
 
 def _parse_time(text: str) -> int:
-    import datetime as dt
+    from nudgeflow.engine.timeparse import datetime_to_ms, parse_iso
 
     if text.isdigit():
         return int(text)
-    try:
-        d = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
+    d = parse_iso(text)
+    if d is None:
         typer.echo(f"--until: '{text}' is not ISO-8601 or epoch milliseconds", err=True)
         raise typer.Exit(2) from None
-    return int((d if d.tzinfo else d.replace(tzinfo=dt.UTC)).timestamp() * 1000)
+    return datetime_to_ms(d)
 
 
 @app.command()
 def schema() -> None:
     """Print the JSON Schema of journey files."""
-    from engine.schema import json_schema
+    from nudgeflow.engine.schema import json_schema
 
     typer.echo(json.dumps(json_schema(), indent=2))
 
@@ -259,4 +258,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

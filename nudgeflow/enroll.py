@@ -17,8 +17,8 @@ from typing import Any
 
 import orjson
 
-from engine.errors import NudgeflowError
-from streams.events import ENROLL_EVENT
+from nudgeflow.engine.errors import NudgeflowError
+from nudgeflow.streams.events import ENROLL_EVENT
 
 
 class EnrollFileError(NudgeflowError):

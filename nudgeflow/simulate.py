@@ -16,10 +16,10 @@ from typing import IO, Any
 
 import orjson
 
-from engine.graph import JourneySet
-from engine.io import Count, Input, SendRequest
-from engine.simulate import Simulator, input_time
-from streams.events import MIN_TS, Decoder, Invalid
+from nudgeflow.engine.graph import JourneySet
+from nudgeflow.engine.io import Count, Input, SendRequest
+from nudgeflow.engine.simulate import Simulator, input_time
+from nudgeflow.streams.events import MIN_TS, Decoder, Invalid
 
 FAR_FUTURE = 2**62
 DRAIN_HORIZON_MS = 400 * 86_400_000  # without --until: run timers up to 400 days after the last input

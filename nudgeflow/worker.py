@@ -9,12 +9,12 @@ from typing import Any
 import faust
 from prometheus_client import start_http_server
 
-from agents.app import build_app
-from engine.loader import load_journeys
+from nudgeflow.agents.app import build_app
 from nudgeflow.broker import EmbeddedBroker, ensure_topics
+from nudgeflow.engine.loader import load_journeys
 from nudgeflow.settings import Settings
-from streams.events import Decoder
-from streams.topics import Topics
+from nudgeflow.streams.events import Decoder
+from nudgeflow.streams.topics import Topics
 
 log = logging.getLogger("nudgeflow")
 

@@ -16,14 +16,14 @@ Anything else is rejected with a reason from REASONS and goes to the dead-letter
 
 from __future__ import annotations
 
-import datetime as dt
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
-from engine.io import CallResult, Enroll, Event, Feedback, Input, ProfileUpdate
-from streams.topics import CUSTOM_TOPIC, EVENT_TOPICS, PROFILE_TOPIC
+from nudgeflow.engine.io import CallResult, Enroll, Event, Feedback, Input, ProfileUpdate
+from nudgeflow.engine.timeparse import datetime_to_ms, parse_iso
+from nudgeflow.streams.topics import CUSTOM_TOPIC, EVENT_TOPICS, PROFILE_TOPIC
 
 REASONS = (
     "too_large",
@@ -116,13 +116,10 @@ class Decoder:
             if ts < MIN_TS:
                 return Invalid("bad_timestamp", "ts before 2000-01-01: epoch seconds? send milliseconds")
         elif isinstance(raw, str):
-            try:
-                d = dt.datetime.fromisoformat(raw.replace("Z", "+00:00"))
-            except ValueError:
+            d = parse_iso(raw)
+            if d is None:
                 return Invalid("bad_timestamp", "ts text is not ISO-8601")
-            if d.tzinfo is None:
-                d = d.replace(tzinfo=dt.UTC)
-            ts = int(d.timestamp() * 1000)
+            ts = datetime_to_ms(d)
             if ts < MIN_TS:
                 return Invalid("bad_timestamp", "ts before 2000-01-01")
         else:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engine.schema import CHANNELS
+from nudgeflow.engine.schema import CHANNELS
 
 # Input topics and the event name each one carries when a message does not say otherwise.
 EVENT_TOPICS = {"page_viewed": "page_viewed", "add_to_cart": "add_to_cart", "charged": "charged"}

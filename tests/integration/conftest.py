@@ -24,8 +24,8 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, To
 from prometheus_client.parser import text_string_to_metric_families
 
 from nudgeflow.broker import EmbeddedBroker, die_with_parent, ensure_topics, free_port
+from nudgeflow.streams.topics import Topics
 from nudgeflow.worker import all_topics
-from streams.topics import Topics
 
 HERE = Path(__file__).resolve().parent
 PARTITIONS = 4

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from nudgeflow.broker import EmbeddedBroker, die_with_parent, ensure_topics
+from nudgeflow.streams.topics import Topics
 from nudgeflow.worker import all_topics
-from streams.topics import Topics
 from tests.integration.conftest import PARTITIONS, Client, wait_for
 
 pytestmark = pytest.mark.integration

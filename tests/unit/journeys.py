@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from engine.graph import JourneySet
-from engine.loader import load_journeys, load_texts
+from nudgeflow.engine.graph import JourneySet
+from nudgeflow.engine.loader import load_journeys, load_texts
 
 ROOT = Path(__file__).resolve().parents[2]
 T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z

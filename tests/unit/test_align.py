@@ -1,6 +1,6 @@
 """The event-time aligner: per-partition time order across topics, held while a topic lags."""
 
-from agents.align import Aligner
+from nudgeflow.agents.align import Aligner
 
 TOPICS = ("add_to_cart", "charged")
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import orjson
 
-from agents.batch import BatchCore, Message
-from agents.keys import parse_timer_key, user_key
-from streams.events import Decoder
-from streams.topics import Topics
+from nudgeflow.agents.batch import BatchCore, Message
+from nudgeflow.agents.keys import parse_timer_key, user_key
+from nudgeflow.streams.events import Decoder
+from nudgeflow.streams.topics import Topics
 from tests.unit.journeys import T0, M, seeds
 
 
@@ -89,7 +89,7 @@ def test_unwatched_events_cost_no_state_read_or_write() -> None:
 
 
 def test_event_time_gate_holds_timers_while_an_input_lags() -> None:
-    from agents.timers import event_time_gate
+    from nudgeflow.agents.timers import event_time_gate
 
     inf = float("inf")
     assert event_time_gate([]) == inf

@@ -1,8 +1,8 @@
 """The CleverTap in-action journey (seeds/000) with a virtual clock."""
 
-from engine.core import process
-from engine.io import Event, Tick
-from engine.simulate import Simulator
+from nudgeflow.engine.core import process
+from nudgeflow.engine.io import Event, Tick
+from nudgeflow.engine.simulate import Simulator
 from tests.unit.journeys import T0, M, seeds
 
 J = "clevertap-cart-inaction"

@@ -4,7 +4,7 @@ import re
 
 import yaml
 
-from agents import metrics
+from nudgeflow.agents import metrics
 from nudgeflow.settings import Settings
 from tests.unit.journeys import ROOT
 

@@ -1,7 +1,7 @@
 import pytest
 
-from engine.durations import format_duration, parse_duration
-from engine.errors import DurationError
+from nudgeflow.engine.durations import format_duration, parse_duration
+from nudgeflow.engine.errors import DurationError
 
 
 @pytest.mark.parametrize(

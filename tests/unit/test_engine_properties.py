@@ -13,9 +13,9 @@ from collections import defaultdict
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine.io import Count, Event, SendRequest
-from engine.loader import load_journeys, load_texts
-from engine.simulate import Simulator
+from nudgeflow.engine.io import Count, Event, SendRequest
+from nudgeflow.engine.loader import load_journeys, load_texts
+from nudgeflow.engine.simulate import Simulator
 from tests.unit.journeys import T0, D, M, seeds
 
 CAPPED = """\

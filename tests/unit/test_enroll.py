@@ -5,9 +5,9 @@ from pathlib import Path
 import orjson
 import pytest
 
-from engine.io import Enroll
+from nudgeflow.engine.io import Enroll
 from nudgeflow.enroll import EnrollFileError, enroll_events
-from streams.events import Decoder
+from nudgeflow.streams.events import Decoder
 from tests.unit.journeys import T0
 
 

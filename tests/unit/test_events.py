@@ -3,8 +3,8 @@
 import orjson
 import pytest
 
-from engine.io import Enroll, Event, Feedback, ProfileUpdate
-from streams.events import Decoder, Invalid
+from nudgeflow.engine.io import Enroll, Event, Feedback, ProfileUpdate
+from nudgeflow.streams.events import Decoder, Invalid
 
 NOW = 1_767_225_600_000
 dec = Decoder(max_bytes=1000, max_future_ms=3_600_000)

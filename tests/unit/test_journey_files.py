@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from engine.errors import JourneyFileErrors
-from engine.loader import load_journeys, load_texts
-from engine.schema import json_schema
+from nudgeflow.engine.errors import JourneyFileErrors
+from nudgeflow.engine.loader import load_journeys, load_texts
+from nudgeflow.engine.schema import json_schema
 from tests.unit.journeys import ROOT
 
 GOOD = """\

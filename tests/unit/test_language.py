@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import datetime as dt
 
-from engine.core import process
-from engine.io import Enroll, Event, ProfileUpdate, Tick
-from engine.loader import load_texts
-from engine.simulate import Simulator
+from nudgeflow.engine.core import process
+from nudgeflow.engine.io import Enroll, Event, ProfileUpdate, Tick
+from nudgeflow.engine.loader import load_texts
+from nudgeflow.engine.simulate import Simulator
 from tests.unit.journeys import T0, D, H, M
 
 BASE = """\
@@ -106,7 +106,7 @@ def test_paused_holds_users_and_stopped_releases_them_without_messages() -> None
     paused = js(steps, extra="status: paused")
     p = process(r.state, Tick("u"), T0 + H, paused)  # type: ignore[arg-type]
     assert not [e for e in p.effects if type(e).__name__ == "SendRequest"]
-    assert p.state["inst"]["j"]["wake"] == T0 + 2 * H  # re-checked an hour later
+    assert p.state["instances"]["j"]["wake"] == T0 + 2 * H  # re-checked an hour later
     assert [
         e.detail
         for e in process(None, Event("n", "go", T0), T0, paused).effects  # type: ignore[arg-type]

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from engine.io import CallRequest, CallResult, Event, ProfileUpdate
-from engine.simulate import Simulator
+from nudgeflow.engine.io import CallRequest, CallResult, Event, ProfileUpdate
+from nudgeflow.engine.simulate import Simulator
 from tests.unit.journeys import T0, D, H, M, seeds
 
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from engine.io import CallRequest, CallResult, Event, ProfileUpdate
-from engine.loader import load_journeys
-from engine.simulate import Simulator
+from nudgeflow.engine.io import CallRequest, CallResult, Event, ProfileUpdate
+from nudgeflow.engine.loader import load_journeys
+from nudgeflow.engine.simulate import Simulator
 from tests.unit.journeys import ROOT, T0, D, H, M
 
 WF = ROOT / "journeys" / "seeds" / "webengage-workflows"

@@ -1,0 +1,74 @@
+"""One user's journey state: the typed shape of what the engine reads, changes and returns.
+
+Plain dicts (TypedDicts), so the adapters store them as JSON without a conversion step and the
+engine copies them cheaply; the names say what each field is for. `engine.core` is the only code
+that changes a state; adapters only store it and ask `next_wake`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NotRequired, TypedDict
+
+
+class Instance(TypedDict):
+    """A user's current run through one journey."""
+
+    version: int  # journey version the instance last ran under (edits: see core.journey_of)
+    entry_no: int  # the user's n-th entry into this journey (part of idempotency keys, split buckets)
+    step: str  # current step id
+    since: int  # when the current step began (epoch ms)
+    wake: int | None  # when the current step must run again (a wait's end, a timeout), or None
+    moves: int  # steps taken so far: makes each visit of a step (loops) a distinct send key
+    entered: int  # entry time
+    trigger: dict[str, Any]  # the entering event's properties ({{ trigger.* }})
+    trigger_event_id: str | None
+    vars: dict[str, Any]  # saved call answers ({{ vars.* }})
+    converted: bool
+    call: NotRequired[str]  # key of the call request the current step waits for
+
+
+class Attribution(TypedDict):
+    """A journey the user left unconverted: a goal until `until` still counts (after_exit)."""
+
+    entry_no: int
+    until: int
+
+
+class EntryHistory(TypedDict):
+    """How often and when the user entered a journey (once, lock, caps)."""
+
+    count: int
+    times: list[int]  # the latest entry times, as many as the entry cap needs
+
+
+class UserState(TypedDict):
+    clock: int  # the newest time this user's state has run up to
+    instances: dict[str, Instance]  # journey id -> active instance
+    attribution: dict[str, Attribution]  # journey id -> open goal window after an exit
+    entries: dict[str, EntryHistory]  # journey id -> entry history
+    profile: dict[str, Any]  # profile attributes (from user_profiles and update steps)
+    history: dict[str, list[int]]  # counter id -> sorted event times the conditions need
+
+
+def new_state() -> UserState:
+    return {"clock": 0, "instances": {}, "attribution": {}, "entries": {}, "profile": {}, "history": {}}
+
+
+def next_wake(state: UserState | None) -> int | None:
+    """The earliest time any of this user's instances must run, or None."""
+    if not state:
+        return None
+    wakes = [w for i in state["instances"].values() if (w := i["wake"]) is not None]
+    return min(wakes) if wakes else None
+
+
+def clone(s: UserState) -> UserState:
+    """A copy deep enough that the engine's changes never reach the caller's state."""
+    return {
+        "clock": s["clock"],
+        "instances": {k: v.copy() for k, v in s["instances"].items()},
+        "attribution": dict(s["attribution"]),
+        "entries": dict(s["entries"]),
+        "profile": dict(s["profile"]),
+        "history": {k: list(v) for k, v in s["history"].items()},
+    }
