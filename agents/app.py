@@ -4,8 +4,9 @@ Faust provides the consumer group, partition assignment (input topics, ticks and
 table's changelog are co-partitioned by user id), the RocksDB store per partition and its restore
 from the changelog after a rebalance. The hot path avoids Faust's per-message table writes: each
 batch from `take_events` goes through `agents.batch.BatchCore`, its records are produced with
-confluent-kafka and awaited once, then written to the partition's RocksDB in one WriteBatch, and
-only then are the events acknowledged (at-least-once input, idempotent effects).
+confluent-kafka and awaited once, then written to the partition's RocksDB in one WriteBatch
+(`agents.store`), and only then are the events acknowledged (at-least-once input, idempotent
+effects). Read positions and event-time progress per input live in `agents.positions`.
 """
 
 from __future__ import annotations
@@ -13,20 +14,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, cast
 
 import faust
-from faust.types import TP
-from rocksdict import WriteBatch
 
 from nudgeflow.agents import metrics
 from nudgeflow.agents.align import Aligner
-from nudgeflow.agents.batch import BatchCore, BatchOutput, Message
+from nudgeflow.agents.batch import BatchCore, BatchOutput, Item, Message
 from nudgeflow.agents.output import Output
+from nudgeflow.agents.positions import InputPositions
+from nudgeflow.agents.store import StateStore
 from nudgeflow.agents.timers import TimerScanner, event_time_gate
 from nudgeflow.engine.graph import JourneySet
-from nudgeflow.engine.io import Input, Tick
+from nudgeflow.engine.io import Tick
+from nudgeflow.settings import Settings
 from nudgeflow.streams.events import Decoder
 from nudgeflow.streams.topics import Topics
 
@@ -35,38 +38,33 @@ TABLE = "journey-state"
 END_MARKER = b"m:end"  # see Settings.changelog_end_marker; restored like any key, never read
 
 
+@dataclass(frozen=True, slots=True)
+class Pending:
+    """A decoded input waiting to be applied, with the Faust event to acknowledge once it is
+    durable (None for in-process timer ticks, which have no offset)."""
+
+    item: Item
+    event: Any | None
+
+
 class Runtime:
     """Everything the agent and the scanner share inside one worker process."""
 
     def __init__(
-        self,
-        app: faust.App,
-        table: Any,
-        journeys: JourneySet,
-        topics: Topics,
-        output: Output,
-        decoder: Decoder,
-        grace_ms: int,
-        fire_limit: int,
+        self, app: faust.App, table: Any, journeys: JourneySet, topics: Topics, output: Output, settings: Settings
     ) -> None:
-        self.app, self.table, self.topics, self.output = app, table, topics, output
-        self.core = BatchCore(journeys, topics, decoder)
-        self.scanner = TimerScanner(self._db, grace_ms, fire_limit)
+        self.app, self.topics, self.output = app, topics, output
+        self.store = StateStore(table)
+        decoder = Decoder(settings.max_event_bytes, settings.max_future_ms, settings.topic_prefix)
+        self.core = BatchCore(journeys, topics, decoder, release_quarantined=settings.release_quarantined)
+        self.scanner = TimerScanner(self.store, settings.timer_grace_ms, settings.timer_fire_limit)
         self.changelog = table.changelog_topic.get_topic_name()
         self._rebalance_started: float | None = time.monotonic()  # the first restore counts from start
         self.event_inputs = topics.user_inputs
-        self.newest: dict[tuple[str, int], int] = {}  # (topic, p) -> newest event time applied
-        self.aligner: Aligner[tuple[Message, Input, int, Any]] = Aligner(self.event_inputs)
+        self.aligner: Aligner[Pending] = Aligner(self.event_inputs)
+        self.positions = InputPositions(app, self.event_inputs, self.aligner)
         self.lock = asyncio.Lock()  # the agent and the timer task both apply inputs
-        self.end_marker = False
-        self._positions: dict[tuple[str, int], int | None] = {}  # fetch positions of idle inputs
-
-    def _db(self, partition: int) -> Any:
-        return self.table.data._db_for_partition(partition)
-
-    def get_many(self, partition: int, keys: list[bytes]) -> list[bytes | None]:
-        result: list[bytes | None] = self._db(partition).get(keys)
-        return result
+        self.end_marker = settings.changelog_end_marker
 
     async def process(self, events: Sequence[Any]) -> None:
         """One batch from the agent: decode, align by event time, apply what may go now."""
@@ -82,13 +80,16 @@ class Runtime:
             )
             for e in events
         ]
+        by_offset = {(e.message.topic, e.message.partition, e.message.offset): e for e in events}
         async with self.lock:
             out = BatchOutput()
-            ready = []
-            for (m, inp, at), ev in self._with_events(self.core.decode(msgs, out), events):
+            ready: list[Pending] = []
+            for item in self.core.decode(msgs, out):
+                m = item.msg
+                ev = by_offset[(m.topic, m.partition, m.offset)]
                 if m.topic in self.aligner.event_topics:
                     ev.message.incref()  # held until applied: the agent's own ack must not commit it
-                ready += self.aligner.add(m.topic, m.partition, m.offset, at, (m, inp, at, ev))
+                ready += self.aligner.add(m.topic, m.partition, m.offset, item.at, Pending(item, ev))
             for m in msgs:  # read positions include inputs that were dropped or dead-lettered
                 self.aligner.note_read(m.topic, m.partition, m.offset)
             ready += self.aligner.release(await self._lagging())
@@ -103,54 +104,22 @@ class Runtime:
             if ready:
                 await self._apply(ready, BatchOutput(), 0, time.perf_counter())
 
-    @staticmethod
-    def _with_events(items: list[Any], events: Sequence[Any]) -> list[tuple[Any, Any]]:
-        by_offset = {(e.message.topic, e.message.partition, e.message.offset): e for e in events}
-        return [(item, by_offset[(item[0].topic, item[0].partition, item[0].offset)]) for item in items]
-
-    async def _apply(self, ready: list[tuple[Message, Input, int, Any]], out: BatchOutput, n: int, t0: float) -> None:
-        self.core.apply([(m, inp, at) for m, inp, at, _ in ready], self, out)
+    async def _apply(self, ready: Sequence[Pending], out: BatchOutput, n: int, t0: float) -> None:
+        self.core.apply([p.item for p in ready], self.store, out)
         self._produce(out)
         await self.output.flush()
         if self.end_marker and out.writes:
             for p in out.writes:  # a batch of its own (see Settings.changelog_end_marker)
                 self.output.produce(self.changelog, b"1", key=END_MARKER, partition=p)
             await self.output.flush()
-        self._write(out)
-        for m, _, _, ev in ready:
-            if m.topic in self.aligner.event_topics:
-                ev.ack()  # durable now: the offset may be committed
+        self.store.write(out.writes)
+        for pending in ready:
+            if pending.event is not None and pending.item.msg.topic in self.aligner.event_topics:
+                pending.event.ack()  # durable now: the offset may be committed
         self._account(out, n, t0)
 
-    async def _position(self, topic: str, partition: int) -> int | None:
-        read = self.aligner.read_upto.get((topic, partition))
-        if read is not None:
-            return read
-        if (topic, partition) in self._positions:  # nothing delivered since: still the same
-            return self._positions[(topic, partition)]
-        try:
-            pos: int | None = await self.app.consumer.position(TP(topic, partition))
-        except Exception:  # not assigned (any more)
-            return None
-        self._positions[(topic, partition)] = pos
-        return pos
-
-    async def _lag_map(self, partitions: Iterable[int]) -> dict[tuple[str, int], bool]:
-        """(topic, partition) -> offsets left to read (per the fetch high watermark)."""
-        consumer, out = self.app.consumer, {}
-        for p in partitions:
-            for topic in self.event_inputs:
-                try:
-                    highwater = consumer.highwater(TP(topic, p))
-                except Exception:
-                    highwater = None
-                position = await self._position(topic, p)
-                # unknown (just assigned, no fetch answer yet) counts as lagging: hold rather than guess
-                out[(topic, p)] = highwater is None or position is None or position < highwater
-        return out
-
     async def _lagging(self) -> Callable[[str, int], bool]:
-        lag = await self._lag_map(list(self.aligner.bufs))
+        lag = await self.positions.lagging(list(self.aligner.bufs))
         return lambda topic, p: lag.get((topic, p), False)
 
     def _produce(self, out: BatchOutput) -> None:
@@ -159,16 +128,6 @@ class Runtime:
                 self.output.produce(self.changelog, value, key=key, partition=p)
         for r in out.records:
             self.output.produce(r.topic, r.value, key=r.key, headers=r.headers, partition=r.partition)
-
-    def _write(self, out: BatchOutput) -> None:
-        for p, writes in out.writes.items():
-            wb = WriteBatch(raw_mode=True)
-            for key, value in writes:
-                if value is None:
-                    wb.delete(key)
-                else:
-                    wb.put(key, value)
-            self._db(p).write(wb)
 
     def _account(self, out: BatchOutput, n: int, t0: float) -> None:
         now = time.time()
@@ -180,10 +139,18 @@ class Runtime:
             log.warning("%d invalid message(s) sent to %s", len(out.invalid), self.topics.dead_letter)
         if out.duplicates:
             metrics.DUPLICATES.inc(out.duplicates)
+        for user, error in out.quarantined:
+            metrics.QUARANTINED.inc()
+            log.error("user %s quarantined: %s while applying an input (state kept, timers held)", user, error)
+        if out.released:
+            metrics.RELEASED.inc(out.released)
+            log.info("%d quarantined user(s) released", out.released)
+        if out.parked:
+            metrics.PARKED.labels("parked").inc(out.parked)
+        if out.parked_overflow:
+            metrics.PARKED.labels("dead_lettered").inc(out.parked_overflow)
         for c in out.counts:
-            metrics.count(c.kind, c.journey, c.detail)
-            if c.kind == "sent":
-                metrics.SENDS.labels(c.detail, c.journey).inc()
+            metrics.count(c)
         for _, due, stale in out.ticks:
             if stale:
                 metrics.TIMERS_STALE.inc()
@@ -196,8 +163,7 @@ class Runtime:
             self.scanner.applied(p, out.timers_set.get(p, 0), out.timers_cleared.get(p, 0))
         for p, due in out.earliest_timer.items():
             self.scanner.rewind(p, due)
-        for tp, ts in out.max_ts.items():
-            self.newest[tp] = max(self.newest.get(tp, ts), ts)
+        self.positions.applied(out.max_ts)
         metrics.HELD_INPUTS.set(self.aligner.held)
         if n:
             metrics.BATCH_SIZE.observe(n)
@@ -215,22 +181,23 @@ class Runtime:
             self._rebalance_started = None
         log.info("active partitions %s; pending timers %s", sorted(actives), dict(self.scanner.pending))
 
-    async def on_revoked(self, sender: Any = None, revoked: Any = (), **_: Any) -> None:
+    async def on_revoked(self, sender: Any, *args: Any, signal: Any = None, **kwargs: Any) -> None:
+        """Faust's on_partitions_revoked signal: handler(app, revoked, signal=...)."""
+        revoked = args[0] if args else kwargs.get("revoked", ())
         self._rebalance_started = time.monotonic()
         gone = {tp.partition for tp in revoked if tp.topic == self.topics.ticks}
-        self._positions.clear()
         self.aligner.drop(gone)  # not acked: the partitions' new owner reads them again
-        for key in [k for k in self.newest if k[1] in gone]:
-            del self.newest[key]
+        self.positions.forget(gone)
         self.scanner.revoke(gone)
 
     async def gates(self) -> dict[int, float]:
         """Event-time gate of each active partition: see agents.timers.event_time_gate."""
         partitions = self.scanner.partitions
-        lag = await self._lag_map(partitions)
+        lag = await self.positions.lagging(partitions)
+        newest = self.positions.newest
         out = {}
         for p in partitions:
-            inputs = [(lag[(t, p)] or self.aligner.holding(t, p), self.newest.get((t, p))) for t in self.event_inputs]
+            inputs = [(lag[(t, p)] or self.aligner.holding(t, p), newest.get((t, p))) for t in self.event_inputs]
             gate = out[p] = event_time_gate(inputs)
             if gate == float("inf"):
                 lag_s = 0.0
@@ -250,45 +217,28 @@ class Runtime:
         if due:
             async with self.lock:
                 ticks = [
-                    (Message(self.topics.ticks, p, -1, user.encode(), None, None), Tick(user), at, None)
+                    Pending(Item(Message(self.topics.ticks, p, -1, user.encode(), None, None), Tick(user), at), None)
                     for p, at, user in due
                 ]
                 await self._apply(ticks, BatchOutput(), 0, time.perf_counter())
 
 
-def build_app(
-    *,
-    app_id: str,
-    bootstrap: str,
-    data_dir: str,
-    partitions: int,
-    journeys: JourneySet,
-    topics: Topics,
-    decoder: Decoder,
-    batch_max: int = 1000,
-    batch_within_ms: int = 50,
-    timer_interval_ms: int = 200,
-    grace_ms: int = 0,
-    fire_limit: int = 2000,
-    session_timeout_s: float = 10,
-    heartbeat_s: float = 2,
-    rebalance_timeout_s: float = 10,
-    block_cache_mb: int = 32,
-    write_buffer_mb: int = 16,
-    changelog_end_marker: bool = False,
-) -> tuple[faust.App, Runtime]:
+def build_app(settings: Settings, journeys: JourneySet) -> tuple[faust.App, Runtime]:
+    """The worker's Faust app for these settings (the broker already resolved to kafka://...)."""
+    s, partitions = settings, settings.partitions
+    topics = Topics(s.topic_prefix)
     app = faust.App(
-        app_id,
-        broker=f"kafka://{bootstrap}",
+        s.app_id,
+        broker=f"kafka://{s.bootstrap}",
         store="rocksdb://",
-        datadir=data_dir,
+        datadir=str(s.data_dir),
         topic_partitions=partitions,
         consumer_auto_offset_reset="earliest",
         web_enabled=False,
         producer_linger_ms=5,
-        broker_session_timeout=session_timeout_s,
-        broker_heartbeat_interval=heartbeat_s,
-        broker_rebalance_timeout=rebalance_timeout_s,
+        broker_session_timeout=s.session_timeout_s,
+        broker_heartbeat_interval=s.heartbeat_s,
+        broker_rebalance_timeout=s.rebalance_timeout_s,
         topic_allow_declare=True,
     )
     table = app.Table(
@@ -298,31 +248,25 @@ def build_app(
         value_type=bytes,
         options={
             "driver": "rocksdict",
-            "block_cache_size": block_cache_mb * 2**20,
+            "block_cache_size": s.block_cache_mb * 2**20,
             # bounded memtables: memory per partition stays ~2 x write_buffer_mb + the block cache
-            "write_buffer_size": write_buffer_mb * 2**20,
+            "write_buffer_size": s.write_buffer_mb * 2**20,
             "max_write_buffer_number": 2,
         },
         help="per-user journey state and the timer index",
     )
     source = app.topic(*topics.inputs, key_serializer="raw", value_serializer="raw", partitions=partitions)
-    output = Output(bootstrap)
-    runtime = Runtime(app, table, journeys, topics, output, decoder, grace_ms, fire_limit)
-    runtime.end_marker = changelog_end_marker
+    runtime = Runtime(app, table, journeys, topics, Output(s.bootstrap), s)
 
     async def journeys_agent(stream: Any) -> None:
-        async for events in stream.take_events(batch_max, within=batch_within_ms / 1000):
+        async for events in stream.take_events(s.batch_max, within=s.batch_within_ms / 1000):
             await runtime.process(events)
 
-    app.agent(source, name="journeys")(journeys_agent)
-    app.timer(timer_interval_ms / 1000, name="fire_timers")(_timer_task(runtime))
-    table.on_recover(runtime.on_recovered)
-    app.on_partitions_revoked.connect(runtime.on_revoked)
-    return app, runtime
-
-
-def _timer_task(runtime: Runtime) -> Any:
     async def fire_timers() -> None:
         await runtime.scan()
 
-    return fire_timers
+    app.agent(source, name="journeys")(journeys_agent)
+    app.timer(s.timer_interval_ms / 1000, name="fire_timers")(fire_timers)
+    table.on_recover(runtime.on_recovered)
+    app.on_partitions_revoked.connect(cast(Any, runtime.on_revoked))  # mode's handler type is not satisfiable
+    return app, runtime

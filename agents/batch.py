@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import NotRequired, Protocol, TypedDict, assert_never
 
 import orjson
 
@@ -23,6 +23,7 @@ from nudgeflow.engine.io import (
     CallRequest,
     CallResult,
     Count,
+    Effect,
     Enroll,
     Event,
     Feedback,
@@ -34,7 +35,9 @@ from nudgeflow.engine.io import (
     TimerCleared,
     TimerSet,
 )
-from nudgeflow.streams.events import Decoder, Invalid
+from nudgeflow.engine.state import UserState
+from nudgeflow.streams import wire
+from nudgeflow.streams.events import Decoder, Invalid, Release
 from nudgeflow.streams.topics import Topics
 
 
@@ -48,7 +51,46 @@ class Message:
     timestamp: int | None  # Kafka message timestamp, ms
 
 
-Item = tuple[Message, Input, int]  # a decoded input and the time it applies at
+@dataclass(frozen=True, slots=True)
+class Item:
+    """A decoded input and the time it applies at."""
+
+    msg: Message
+    input: Input | Release
+    at: int
+
+
+class ParkedInput(TypedDict):
+    """An input of a quarantined user, kept as it arrived, to apply when the user is released."""
+
+    topic: str
+    partition: int
+    offset: int
+    value: str  # the message value (valid UTF-8 JSON: it passed validation)
+    kafka_ts: int | None
+
+
+class Quarantine(TypedDict):
+    """Why and since when a user is set aside: applying an input raised. The state is kept as it
+    was before that input, timers are held, later inputs are parked (bounded) until release."""
+
+    since: int  # processing time, epoch ms
+    error: str  # the exception's type name (never its text: it may quote user data)
+    topic: str
+    offset: int
+    parked: list[ParkedInput]
+
+
+class UserRecord(TypedDict):
+    """The stored value of `u:<user>`: the engine state and, per input topic, the offset of the
+    last input applied to it (a replayed input at or below it is a duplicate)."""
+
+    state: UserState
+    offsets: dict[str, int]
+    quarantine: NotRequired[Quarantine]
+
+
+MAX_PARKED = 1000  # inputs kept per quarantined user; later ones go to the dead-letter topic
 
 
 @dataclass(slots=True)
@@ -78,8 +120,11 @@ class BatchOutput:
     ticks: list[tuple[int, int, bool]] = field(default_factory=list)  # (partition, due, stale) processed
     duplicates: int = 0
     sends: dict[str, int] = field(default_factory=dict)  # channel -> n
-    last_offset: dict[tuple[str, int], int] = field(default_factory=dict)  # (topic, p) -> applied offset
     max_ts: dict[tuple[str, int], int] = field(default_factory=dict)  # (topic, p) -> newest applied time
+    quarantined: list[tuple[str, str]] = field(default_factory=list)  # (user, error type) set aside now
+    released: int = 0
+    parked: int = 0
+    parked_overflow: int = 0
 
 
 class StateReader(Protocol):
@@ -88,10 +133,16 @@ class StateReader(Protocol):
 
 class BatchCore:
     def __init__(
-        self, journeys: JourneySet, topics: Topics, decoder: Decoder, clock: Callable[[], float] = time.time
+        self,
+        journeys: JourneySet,
+        topics: Topics,
+        decoder: Decoder,
+        clock: Callable[[], float] = time.time,
+        release_quarantined: bool = False,
     ) -> None:
         self.journeys, self.topics, self.decoder, self.clock = journeys, topics, decoder, clock
         self.ticks_topic = topics.ticks
+        self.release_all = release_quarantined  # Settings.release_quarantined
 
     def run(self, msgs: Sequence[Message], store: StateReader) -> BatchOutput:
         """Decode and apply in message order (no cross-topic alignment)."""
@@ -110,43 +161,54 @@ class BatchCore:
             inp, at = self._decode(m, now_ms, out)
             if inp is None or (isinstance(inp, Event) and inp.name not in watched):
                 continue
-            items.append((m, inp, at))
+            items.append(Item(m, inp, at))
         return items
 
     def apply(self, decoded: Sequence[Item], store: StateReader, out: BatchOutput) -> None:
         """Run the engine over inputs in the given order; each user's state read and written once."""
         wanted: dict[int, set[str]] = {}
-        for m, inp, at in decoded:
+        for item in decoded:
+            m, inp, at = item.msg, item.input, item.at
             wanted.setdefault(m.partition, set()).add(inp.user_id)
-            tp = (m.topic, m.partition)
-            out.last_offset[tp] = max(out.last_offset.get(tp, -1), m.offset)
             if not isinstance(inp, Tick):
+                tp = (m.topic, m.partition)
                 out.max_ts[tp] = max(out.max_ts.get(tp, at), at)
-        cache: dict[tuple[int, str], dict[str, Any] | None] = {}
+        cache: dict[tuple[int, str], UserRecord | None] = {}
         for p, users in wanted.items():
             ulist = sorted(users)
             for u, raw in zip(ulist, store.get_many(p, [user_key(u) for u in ulist]), strict=True):
                 cache[(p, u)] = orjson.loads(raw) if raw is not None else None
         dirty: set[tuple[int, str]] = set()
         timer_ops: dict[int, dict[tuple[int, str], bool]] = {}
-        for m, inp, at in decoded:
+        now_ms = int(self.clock() * 1000)
+        for item in decoded:
+            m, inp = item.msg, item.input
             ck = (m.partition, inp.user_id)
             rec = cache[ck]
-            if m.offset >= 0 and rec is not None and rec["o"].get(m.topic, -1) >= m.offset:
+            if m.offset >= 0 and rec is not None and rec["offsets"].get(m.topic, -1) >= m.offset:
                 out.duplicates += 1  # already applied before a crash or rebalance
                 continue
-            if isinstance(inp, Tick):  # stale: the user's wake-up moved or already ran (a duplicate tick)
-                out.ticks.append((m.partition, at, core.next_wake(rec["s"] if rec else None) != at))
-            res = core.process(rec["s"] if rec else None, inp, at, self.journeys)
-            if not res.changed:
+            if rec is not None and "quarantine" in rec:
+                if not (isinstance(inp, Release) or self.release_all):
+                    if self._park(rec, m, out):
+                        dirty.add(ck)
+                    continue
+                rec = cache[ck] = self._release(rec, m.partition, now_ms, out, timer_ops)
+                dirty.add(ck)
+            if isinstance(inp, Release):
+                if rec is not None and "quarantine" not in rec:  # released: run what fell due meanwhile
+                    tick = Message(self.ticks_topic, m.partition, -1, m.key, None, None)
+                    rec = cache[ck] = (
+                        self._apply_one(rec, tick, Tick(inp.user_id), item.at, now_ms, out, timer_ops) or rec
+                    )
+                    if m.offset >= 0:
+                        rec["offsets"][m.topic] = m.offset
+                    dirty.add(ck)
                 continue
-            if rec is None:
-                rec = cache[ck] = {"s": res.state, "o": {}}
-            rec["s"] = res.state
-            if m.offset >= 0:  # in-process ticks have none: they are idempotent by themselves
-                rec["o"][m.topic] = m.offset
-            dirty.add(ck)
-            self._effects(res.effects, m.partition, out, timer_ops, cancels=not isinstance(inp, Tick))
+            new = self._apply_one(rec, m, inp, item.at, now_ms, out, timer_ops)
+            if new is not None:
+                cache[ck] = new
+                dirty.add(ck)
         for p, ops in timer_ops.items():
             w = out.writes.setdefault(p, [])
             w.extend((timer_key(d, u), b"1") for (d, u), put in sorted(ops.items()) if put)
@@ -155,23 +217,111 @@ class BatchCore:
         for p, ops in timer_ops.items():
             out.writes[p].extend((timer_key(d, u), None) for (d, u), put in sorted(ops.items()) if not put)
 
-    def _decode(self, m: Message, now_ms: int, out: BatchOutput) -> tuple[Input | None, int]:
+    def _apply_one(
+        self,
+        rec: UserRecord | None,
+        m: Message,
+        inp: Input,
+        at: int,
+        now_ms: int,
+        out: BatchOutput,
+        timer_ops: dict[int, dict[tuple[int, str], bool]],
+    ) -> UserRecord | None:
+        """Apply one input to one user's record; the new record, or None when nothing changed.
+        An exception quarantines this user alone: everyone else in the batch goes on."""
+        if isinstance(inp, Tick):  # stale: the user's wake-up moved or already ran (a duplicate tick)
+            out.ticks.append((m.partition, at, core.next_wake(rec["state"] if rec else None) != at))
+        try:
+            res = core.process(rec["state"] if rec else None, inp, at, self.journeys)
+        except Exception as e:  # a bug or an edit the engine cannot follow: never the whole batch
+            return self._quarantine(rec, m, inp.user_id, type(e).__name__, now_ms, out)
+        if not res.changed:
+            return None
+        if rec is None:
+            rec = {"state": res.state, "offsets": {}}
+        rec["state"] = res.state
+        if m.offset >= 0:  # in-process ticks have none: they are idempotent by themselves
+            rec["offsets"][m.topic] = m.offset
+        self._effects(res.effects, m.partition, out, timer_ops, cancels=not isinstance(inp, Tick))
+        return rec
+
+    def _quarantine(
+        self, rec: UserRecord | None, m: Message, user: str, error: str, now_ms: int, out: BatchOutput
+    ) -> UserRecord:
+        rec = rec if rec is not None else {"state": core.new_state(), "offsets": {}}
+        rec["quarantine"] = {"since": now_ms, "error": error, "topic": m.topic, "offset": m.offset, "parked": []}
+        out.quarantined.append((user, error))
+        self._park(rec, m, out)
+        return rec
+
+    def _park(self, rec: UserRecord, m: Message, out: BatchOutput) -> bool:
+        """Keep a quarantined user's input for release; False when there was nothing to keep."""
+        if m.offset < 0 or m.value is None:  # a timer: held as it is in the index
+            return False
+        q = rec["quarantine"]
+        if len(q["parked"]) >= MAX_PARKED:
+            self._dead(m, Invalid("quarantine_overflow", f"user quarantined with {MAX_PARKED} inputs parked"), out)
+            out.parked_overflow += 1
+        else:
+            value = m.value.decode("utf-8", "replace")
+            q["parked"].append(
+                {
+                    "topic": m.topic,
+                    "partition": m.partition,
+                    "offset": m.offset,
+                    "value": value,
+                    "kafka_ts": m.timestamp,
+                }
+            )
+            out.parked += 1
+        rec["offsets"][m.topic] = m.offset
+        return True
+
+    def _release(
+        self,
+        rec: UserRecord,
+        p: int,
+        now_ms: int,
+        out: BatchOutput,
+        timer_ops: dict[int, dict[tuple[int, str], bool]],
+    ) -> UserRecord:
+        """Lift a user's quarantine and apply the parked inputs in order (one may quarantine the
+        user again: the rest stay parked)."""
+        parked = rec.pop("quarantine")["parked"]
+        out.released += 1
+        for i, pi in enumerate(parked):
+            msg = Message(pi["topic"], pi["partition"], -1, None, pi["value"].encode(), pi["kafka_ts"])
+            inp, at = self._decode(msg, now_ms, out)
+            if inp is None or isinstance(inp, Release):
+                continue
+            new = self._apply_one(rec, msg, inp, at, now_ms, out, timer_ops)
+            rec = new if new is not None else rec
+            if "quarantine" in rec:
+                rec["quarantine"]["parked"].extend(parked[i:])  # the one that raised comes first again
+                break
+        return rec
+
+    def _decode(self, m: Message, now_ms: int, out: BatchOutput) -> tuple[Input | Release | None, int]:
         if m.topic == self.ticks_topic:
             try:
-                doc = orjson.loads(m.value or b"")
-                return Tick(str(doc["user_id"])), int(doc["due"])
-            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-                self._dead(m, Invalid("bad_message", "tick needs user_id and due"), out)
+                user, due = wire.decode_tick(m.value)
+            except wire.WireError as e:
+                self._dead(m, Invalid("bad_message", str(e)), out)
                 return None, 0
+            return Tick(user), due
         inp = self.decoder.decode(m.topic, m.value, m.timestamp, now_ms)
         if isinstance(inp, Invalid):
             self._dead(m, inp, out)
             return None, 0
-        if isinstance(inp, (Event, ProfileUpdate, Enroll)):
-            return inp, inp.ts
-        if isinstance(inp, (Feedback, CallResult)):
-            return inp, m.timestamp or now_ms
-        return inp, now_ms
+        match inp:
+            case Event() | ProfileUpdate() | Enroll() | Release():
+                return inp, inp.ts
+            case Feedback() | CallResult():
+                return inp, m.timestamp or now_ms
+            case Tick():
+                return inp, now_ms
+            case _:
+                assert_never(inp)
 
     def _dead(self, m: Message, bad: Invalid, out: BatchOutput) -> None:
         out.invalid.append((m.topic, bad.reason))
@@ -180,75 +330,44 @@ class BatchCore:
                 self.topics.dead_letter,
                 m.key,
                 m.value or b"",
-                [
-                    ("reason", bad.reason.encode()),
-                    ("detail", bad.detail.encode()),
-                    ("source_topic", m.topic.encode()),
-                    ("source_partition", str(m.partition).encode()),
-                    ("source_offset", str(m.offset).encode()),
-                ],
+                wire.dead_letter_headers(bad.reason, bad.detail, m.topic, m.partition, m.offset),
             )
         )
 
     def _effects(
         self,
-        effects: Iterable[Any],
+        effects: Iterable[Effect],
         p: int,
         out: BatchOutput,
         timer_ops: dict[int, dict[tuple[int, str], bool]],
         cancels: bool,
     ) -> None:
         for fx in effects:
-            if isinstance(fx, Count):
-                out.counts.append(fx)
-            elif isinstance(fx, SendRequest):
-                out.records.append(
-                    Record(
-                        self.topics.channel(fx.channel),
-                        fx.user_id.encode(),
-                        orjson.dumps(fx.to_dict()),
-                        [("idempotency_key", fx.key.encode())],
-                    )
-                )
-                out.sends[fx.channel] = out.sends.get(fx.channel, 0) + 1
-            elif isinstance(fx, TimerSet):
-                timer_ops.setdefault(p, {})[(fx.due, fx.user_id)] = True
-                out.timers_set[p] = out.timers_set.get(p, 0) + 1
-                out.earliest_timer[p] = min(out.earliest_timer.get(p, fx.due), fx.due)
-            elif isinstance(fx, TimerCleared):
-                ops = timer_ops.setdefault(p, {})
-                if ops.get((fx.due, fx.user_id)) is True:
-                    del ops[(fx.due, fx.user_id)]  # set and cleared within this batch
-                else:
-                    ops[(fx.due, fx.user_id)] = False
-                out.timers_cleared[p] = out.timers_cleared.get(p, 0) + 1
-                out.timers_cancelled += cancels
-            elif isinstance(fx, ProfileChanged):
-                out.records.append(
-                    Record(
-                        self.topics.profile_changes,
-                        fx.user_id.encode(),
-                        orjson.dumps({"user_id": fx.user_id, "ts": fx.ts, "attributes": fx.attributes}),
-                    )
-                )
-            elif isinstance(fx, CallRequest):
-                out.records.append(
-                    Record(
-                        self.topics.calls,
-                        fx.user_id.encode(),
-                        orjson.dumps(
-                            {
-                                "key": fx.key,
-                                "user_id": fx.user_id,
-                                "journey": fx.journey,
-                                "step": fx.step,
-                                "method": fx.method,
-                                "url": fx.url,
-                                "headers": fx.headers,
-                                "body": fx.body,
-                                "timeout_ms": fx.timeout_ms,
-                                "created_at": fx.created_at,
-                            }
-                        ),
-                    )
-                )
+            match fx:
+                case Count():
+                    out.counts.append(fx)
+                case SendRequest():
+                    self._record(self.topics.channel(fx.channel), wire.encode_send_request(fx), out)
+                    out.sends[fx.channel] = out.sends.get(fx.channel, 0) + 1
+                case TimerSet():
+                    timer_ops.setdefault(p, {})[(fx.due, fx.user_id)] = True
+                    out.timers_set[p] = out.timers_set.get(p, 0) + 1
+                    out.earliest_timer[p] = min(out.earliest_timer.get(p, fx.due), fx.due)
+                case TimerCleared():
+                    ops = timer_ops.setdefault(p, {})
+                    if ops.get((fx.due, fx.user_id)) is True:
+                        del ops[(fx.due, fx.user_id)]  # set and cleared within this batch
+                    else:
+                        ops[(fx.due, fx.user_id)] = False
+                    out.timers_cleared[p] = out.timers_cleared.get(p, 0) + 1
+                    out.timers_cancelled += cancels
+                case ProfileChanged():
+                    self._record(self.topics.profile_changes, wire.encode_profile_change(fx), out)
+                case CallRequest():
+                    self._record(self.topics.calls, wire.encode_call_request(fx), out)
+                case _:
+                    assert_never(fx)
+
+    @staticmethod
+    def _record(topic: str, enc: wire.Encoded, out: BatchOutput) -> None:
+        out.records.append(Record(topic, enc.key, enc.value, enc.headers))

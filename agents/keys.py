@@ -1,6 +1,6 @@
 """Key layout of the journey state table (one RocksDB per partition, one changelog topic).
 
-    u:<user_id>                      -> orjson {"s": engine state, "o": {topic: last offset}}
+    u:<user_id>                      -> orjson agents.batch.UserRecord {"state", "offsets"}
     t:<due, 8 bytes big-endian><user_id> -> b"1"   (the timer index, ordered by due time)
 
 Both live in the same table so they share a partition, a WriteBatch and a changelog: a restore

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from typing import assert_never
+
 from prometheus_client import Counter, Gauge, Histogram
+
+from nudgeflow.engine.io import Count
 
 EVENTS = Counter("nudgeflow_events_consumed_total", "Input messages consumed", ["topic"])
 INVALID = Counter("nudgeflow_invalid_events_total", "Messages sent to the dead-letter topic", ["topic", "reason"])
@@ -41,22 +45,39 @@ EVENT_TIME_LAG = Gauge(
     ["partition"],
 )
 HELD_INPUTS = Gauge("nudgeflow_held_inputs", "Inputs held back to apply topics in event-time order")
+JOURNEY_INFO = Gauge(
+    "nudgeflow_journey_info",
+    "Loaded journeys (value 1): id, version and content digest",
+    ["journey", "version", "digest"],
+)
+QUARANTINED = Counter(
+    "nudgeflow_users_quarantined_total", "Users set aside after an error applying their input (state kept)"
+)
+RELEASED = Counter("nudgeflow_users_released_total", "Quarantined users released")
+PARKED = Counter(
+    "nudgeflow_quarantine_parked_inputs_total", "Inputs of quarantined users kept to apply on release", ["outcome"]
+)
 RESTORE_SECONDS = Gauge("nudgeflow_restore_seconds", "Duration of the last state restore after a rebalance")
 
 
-def count(kind: str, journey: str, detail: str) -> None:
+def count(c: Count) -> None:
     """Apply one engine Count effect to the metrics."""
-    if kind == "entered":
-        ENTRIES.labels(journey).inc()
-    elif kind == "exited":
-        EXITS.labels(journey, detail).inc()
-    elif kind == "converted":
-        CONVERSIONS.labels(journey).inc()
-    elif kind == "skipped":
-        SKIPPED.labels(journey, detail).inc()
-    elif kind == "visit":
-        VISITS.labels(journey, detail).inc()
-    elif kind == "step":
-        STEPS.labels(journey, detail).inc()
-    elif kind == "unreachable":
-        UNREACHABLE.labels(journey, detail).inc()
+    match c.kind:
+        case "entered":
+            ENTRIES.labels(c.journey).inc()
+        case "exited":
+            EXITS.labels(c.journey, c.detail).inc()
+        case "converted":
+            CONVERSIONS.labels(c.journey).inc()
+        case "skipped":
+            SKIPPED.labels(c.journey, c.detail).inc()
+        case "visit":
+            VISITS.labels(c.journey, c.detail).inc()
+        case "step":
+            STEPS.labels(c.journey, c.detail).inc()
+        case "unreachable":
+            UNREACHABLE.labels(c.journey, c.detail).inc()
+        case "sent":
+            SENDS.labels(c.detail, c.journey).inc()
+        case _:
+            assert_never(c.kind)

@@ -16,8 +16,8 @@ avoids re-reading deleted (fired) keys, which is what keeps seeks cheap after ma
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Protocol
 
 from nudgeflow.agents import metrics
 from nudgeflow.agents.keys import TIMER, parse_timer_key, timer_key
@@ -38,9 +38,13 @@ def event_time_gate(inputs: list[tuple[bool, int | None]]) -> float:
     return gate
 
 
+class TimerIndex(Protocol):
+    def keys_from(self, partition: int, start: bytes, prefix: bytes) -> Iterator[bytes]: ...
+
+
 class TimerScanner:
-    def __init__(self, db_for: Callable[[int], Any], grace_ms: int, fire_limit: int) -> None:
-        self.db_for, self.grace_ms, self.fire_limit = db_for, grace_ms, fire_limit
+    def __init__(self, index: TimerIndex, grace_ms: int, fire_limit: int) -> None:
+        self.index, self.grace_ms, self.fire_limit = index, grace_ms, fire_limit
         self.cursor: dict[int, bytes] = {}
         self.pending: dict[int, int] = {}
 
@@ -62,13 +66,7 @@ class TimerScanner:
                 metrics.PENDING_TIMERS.remove(str(p))
 
     def _count(self, p: int) -> int:
-        it = self.db_for(p).iter()
-        it.seek(TIMER)
-        n = 0
-        while it.valid() and it.key().startswith(TIMER):
-            n += 1
-            it.next()
-        return n
+        return sum(1 for _ in self.index.keys_from(p, TIMER, TIMER))
 
     def rewind(self, p: int, due: int) -> None:
         """A timer was set earlier than the cursor (a late event): scan from there again."""
@@ -88,20 +86,12 @@ class TimerScanner:
         out: list[tuple[int, int, str]] = []
         for p in self.partitions:
             limit_due = min(now_ms - self.grace_ms, gate(p) if gate else float("inf"))
-            it = self.db_for(p).iter()
-            it.seek(self.cursor[p])
-            n = 0
-            while n < self.fire_limit and it.valid():
-                key = it.key()
-                if not key.startswith(TIMER):
-                    break
+            for n, key in enumerate(self.index.keys_from(p, self.cursor[p], TIMER)):
                 due, user = parse_timer_key(key)
-                if due > limit_due:
+                if n >= self.fire_limit or due > limit_due:
                     break
                 out.append((p, due, user))
                 self.cursor[p] = key + b"\x00"  # the next possible key after this one
-                n += 1
-                it.next()
         if out:
             metrics.TICKS_EMITTED.inc(len(out))
         return out

@@ -201,7 +201,7 @@ def main() -> None:
         now = int(time.time() * 1000)
         tpl = process(None, Event("TEMPLATE", "add_to_cart", now, {"product": "sku"}), now, js).state
         tpl["instances"]["bench-timers"]["wake"] = 1_111_111_111_111_111
-        raw = orjson.dumps({"s": tpl, "o": {}})
+        raw = orjson.dumps({"state": tpl, "offsets": {}})
         t = time.perf_counter()
         p = producer(bs)
         for i in range(a.pending):

@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import orjson
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_exponential
 
-from nudgeflow.channels.clients import channel_consumer, feedback_producer, ok_messages
-from nudgeflow.channels.sender import DeliveredKeys
+from nudgeflow.channels.consumer import BatchConsumer
+from nudgeflow.engine.io import CallRequest, CallResult
+from nudgeflow.streams import wire
 from nudgeflow.streams.topics import Topics
 
 log = logging.getLogger("nudgeflow.calls")
@@ -34,7 +34,9 @@ def _retryable(e: BaseException) -> bool:
     return isinstance(e, (Retryable, httpx.TransportError))
 
 
-class CallRunner:
+class CallRunner(BatchConsumer):
+    batch_max = 200
+
     def __init__(
         self,
         bootstrap: str,
@@ -44,59 +46,44 @@ class CallRunner:
         session_timeout_ms: int = 10000,
         max_concurrency: int = 50,
     ) -> None:
+        super().__init__(bootstrap, topics.calls, group, state_dir / "call-runner", session_timeout_ms, log)
         self.topics = topics
-        self.consumer = channel_consumer(bootstrap, group, session_timeout_ms)
-        self.producer = feedback_producer(bootstrap)
-        self.keys = DeliveredKeys(state_dir / "call-runner")
         self.limit = asyncio.Semaphore(max_concurrency)
         self.ok = self.failed = self.duplicates = 0
-        self._stop = False
+        self._http: httpx.AsyncClient | None = None
 
-    def stop(self) -> None:
-        self._stop = True
+    async def handle(self, msgs: list[Any]) -> None:
+        reqs = []
+        for m in msgs:
+            try:
+                reqs.append(wire.decode_call_request(m.value()))
+            except wire.WireError:
+                log.warning("skipping a malformed call request at offset %s", m.offset())
+        if self._http is None:
+            self._http = httpx.AsyncClient(follow_redirects=True)
+        http = self._http
+        await asyncio.gather(*(self._one(http, r) for r in reqs))
 
-    async def run(self) -> None:
-        self.consumer.subscribe([self.topics.calls])
-        loop = asyncio.get_running_loop()
-        try:
-            async with httpx.AsyncClient(follow_redirects=True) as http:
-                while not self._stop:
-                    msgs = await loop.run_in_executor(None, self.consumer.consume, 200, 0.5)
-                    reqs = []
-                    for m in ok_messages(msgs, log):
-                        try:
-                            reqs.append(orjson.loads(m.value()))
-                        except orjson.JSONDecodeError:
-                            log.warning("skipping a malformed call request at offset %s", m.offset())
-                    if not reqs:
-                        continue
-                    await asyncio.gather(*(self._one(http, r) for r in reqs))
-                    self.producer.flush(30)
-                    self.consumer.commit(asynchronous=False)
-        finally:
-            self.consumer.close()
-            self.keys.close()
+    async def close(self) -> None:
+        if self._http is not None:
+            await self._http.aclose()
 
-    async def _one(self, http: httpx.AsyncClient, req: dict[str, Any]) -> None:
-        key, user = str(req.get("key")), str(req.get("user_id"))
-        if key in self.keys:
+    async def _one(self, http: httpx.AsyncClient, req: CallRequest) -> None:
+        if req.key in self.keys:
             self.duplicates += 1
             return
         async with self.limit:
             ok, body = await self._call(http, req)
-        self.producer.produce(
-            self.topics.feedback,
-            key=user.encode(),
-            value=orjson.dumps({"user_id": user, "type": "call_result", "key": key, "ok": ok, "body": body}),
-        )
-        self.keys.add(key)
+        enc = wire.encode_call_result(CallResult(req.user_id, req.key, ok, body))
+        self.producer.produce(self.topics.feedback, key=enc.key, value=enc.value)
+        self.keys.add(req.key)
         if ok:
             self.ok += 1
         else:
             self.failed += 1
 
-    async def _call(self, http: httpx.AsyncClient, req: dict[str, Any]) -> tuple[bool, Any]:
-        budget = max(0.5, int(req.get("timeout_ms") or 10000) / 1000 - 0.5)
+    async def _call(self, http: httpx.AsyncClient, req: CallRequest) -> tuple[bool, Any]:
+        budget = max(0.5, (req.timeout_ms or 10000) / 1000 - 0.5)
         started = time.monotonic()
         try:
             async for attempt in AsyncRetrying(
@@ -108,21 +95,21 @@ class CallRunner:
                 with attempt:
                     left = max(0.2, budget - (time.monotonic() - started))
                     resp = await http.request(
-                        req.get("method", "GET"),
-                        str(req["url"]),
-                        headers=req.get("headers") or {},
-                        json=req.get("body"),
+                        req.method or "GET",
+                        req.url,
+                        headers=dict(req.headers or {}),
+                        json=req.body,
                         timeout=left,
                     )
                     if resp.status_code >= 500:
                         raise Retryable(str(resp.status_code))
             if resp.status_code >= 400:
-                log.info("call %s answered %s", str(req.get("key"))[:12], resp.status_code)
+                log.info("call %s answered %s", req.key[:12], resp.status_code)
                 return False, {"status": resp.status_code}
             try:
                 return True, resp.json()
             except ValueError:
                 return True, {"text": resp.text[:10000]}
         except (Retryable, httpx.HTTPError) as e:
-            log.info("call %s failed: %s", str(req.get("key"))[:12], type(e).__name__)
+            log.info("call %s failed: %s", req.key[:12], type(e).__name__)
             return False, {"error": type(e).__name__}

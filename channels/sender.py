@@ -1,46 +1,27 @@
-"""The sender loop: consume a channel topic in batches, deliver once per idempotency key.
+"""The sender: consume one channel topic in batches, deliver once per idempotency key.
 
-At-least-once consumption plus a persistent set of delivered keys gives each request one
+At-least-once consumption plus the durable set of delivered keys gives each request one
 delivery across restarts (a crash between delivery and commit replays the batch; the keys say
 it was delivered). Offsets are committed only after the batch is delivered.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from pathlib import Path
+from typing import Any
 
-import orjson
-from pydantic import ValidationError
-from rocksdict import Options, Rdict
-
-from nudgeflow.channels.clients import channel_consumer, feedback_producer, ok_messages, run_until_signalled
+from nudgeflow.channels.clients import run_until_signalled
+from nudgeflow.channels.consumer import BatchConsumer
 from nudgeflow.channels.providers import Provider, Unreachable
-from nudgeflow.channels.requests import parse_send_request
+from nudgeflow.engine.io import Feedback
+from nudgeflow.streams import wire
 from nudgeflow.streams.topics import Topics
 
 log = logging.getLogger("nudgeflow.sender")
 
 
-class DeliveredKeys:
-    """Idempotency keys already delivered, in RocksDB so they survive restarts."""
-
-    def __init__(self, path: Path) -> None:
-        path.mkdir(parents=True, exist_ok=True)
-        self.db = Rdict(str(path), Options(raw_mode=True))
-
-    def __contains__(self, key: str) -> bool:
-        return self.db.get(key.encode()) is not None
-
-    def add(self, key: str) -> None:
-        self.db.put(key.encode(), b"1")
-
-    def close(self) -> None:
-        self.db.close()
-
-
-class Sender:
+class Sender(BatchConsumer):
     def __init__(
         self,
         bootstrap: str,
@@ -51,42 +32,16 @@ class Sender:
         state_dir: Path,
         session_timeout_ms: int = 10000,
     ) -> None:
+        topic = topics.channel(channel)
+        super().__init__(bootstrap, topic, group, state_dir / f"sender-{channel}", session_timeout_ms, log)
         self.channel, self.provider, self.topics = channel, provider, topics
-        self.consumer = channel_consumer(bootstrap, group, session_timeout_ms)
-        self.producer = feedback_producer(bootstrap)
-        self.keys = DeliveredKeys(state_dir / f"sender-{channel}")
         self.delivered = self.duplicates = self.unreachable = self.invalid = 0
-        self._stop = False
 
-    def stop(self) -> None:
-        self._stop = True
-
-    async def run(self, idle_exit_s: float | None = None) -> None:
-        self.consumer.subscribe([self.topics.channel(self.channel)])
-        loop = asyncio.get_running_loop()
-        idle = 0.0
-        try:
-            while not self._stop:
-                msgs = await loop.run_in_executor(None, self.consumer.consume, 500, 0.5)
-                if not msgs:
-                    idle += 0.5
-                    if idle_exit_s is not None and idle >= idle_exit_s:
-                        return
-                    continue
-                idle = 0.0
-                await self._batch(msgs)
-                self.producer.flush(30)
-                self.consumer.commit(asynchronous=False)
-        finally:
-            self.consumer.close()
-            self.keys.close()
-            await self.provider.close()
-
-    async def _batch(self, msgs: list) -> None:  # type: ignore[type-arg]
-        for m in ok_messages(msgs, log):
+    async def handle(self, msgs: list[Any]) -> None:
+        for m in msgs:
             try:
-                req = parse_send_request(orjson.loads(m.value()))
-            except (orjson.JSONDecodeError, ValidationError):
+                req = wire.decode_send_request(m.value())
+            except wire.WireError:
                 self.invalid += 1
                 log.warning("skipping a malformed send request at offset %s", m.offset())
                 continue
@@ -98,20 +53,18 @@ class Sender:
                 self.delivered += 1
             except Unreachable:
                 self.unreachable += 1
-                self._feedback(req.user_id, "unreachable")
+                self._produce(
+                    self.topics.feedback, wire.encode_feedback(Feedback(req.user_id, self.channel, "unreachable"))
+                )
                 if req.fallback:
-                    fb = req.fallback
-                    self.producer.produce(
-                        self.topics.channel(fb.channel), key=fb.user_id.encode(), value=orjson.dumps(fb.to_dict())
-                    )
+                    self._produce(self.topics.channel(req.fallback.channel), wire.encode_send_request(req.fallback))
             self.keys.add(req.key)
 
-    def _feedback(self, user: str, status: str) -> None:
-        self.producer.produce(
-            self.topics.feedback,
-            key=user.encode(),
-            value=orjson.dumps({"user_id": user, "type": "feedback", "channel": self.channel, "status": status}),
-        )
+    def _produce(self, topic: str, enc: wire.Encoded) -> None:
+        self.producer.produce(topic, key=enc.key, value=enc.value, headers=enc.headers)
+
+    async def close(self) -> None:
+        await self.provider.close()
 
 
 def run_sender(sender: Sender) -> None:

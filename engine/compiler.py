@@ -7,6 +7,8 @@ templates and time zones are well-formed, and segments referenced are defined.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import zoneinfo
 from collections.abc import Mapping
 from typing import Any, assert_never
@@ -16,20 +18,12 @@ from pydantic import BaseModel, ValidationError
 from nudgeflow.engine import graph as g
 from nudgeflow.engine import schema as s
 from nudgeflow.engine.durations import parse_duration
+from nudgeflow.engine.errors import CompileError, CompileErrors, Path
 from nudgeflow.engine.predicates import CounterRegistry, SpecError, compile_condition, compile_where
 from nudgeflow.engine.templates import TemplateError, Text, compile_value
 from nudgeflow.engine.timeparse import datetime_to_ms
 
-Path = tuple[str | int, ...]
 DAYS = {"mon": 0, "tue": 1, "wed": 2, "thu": 3, "fri": 4, "sat": 5, "sun": 6}
-
-
-class CompileError(Exception):
-    """One problem at a path inside the file (the loader adds file and line)."""
-
-    def __init__(self, path: Path, problem: str, line_offset: int | None = None) -> None:
-        self.path, self.problem, self.line_offset = path, problem, line_offset
-        super().__init__(problem)
 
 
 def pydantic_problems(e: ValidationError, prefix: Path = ()) -> list[CompileError]:
@@ -55,12 +49,7 @@ def _validate(model: type[BaseModel], raw: Any, path: Path) -> Any:
     try:
         return model.model_validate(raw)
     except ValidationError as e:
-        raise _Many(pydantic_problems(e, path)) from None
-
-
-class _Many(Exception):
-    def __init__(self, errors: list[CompileError]) -> None:
-        self.errors = errors
+        raise CompileErrors(pydantic_problems(e, path)) from None
 
 
 def compile_segments(raw: Mapping[str, Any], reg: CounterRegistry) -> tuple[dict[str, Any], list[CompileError]]:
@@ -78,9 +67,9 @@ def compile_segments(raw: Mapping[str, Any], reg: CounterRegistry) -> tuple[dict
 
 
 def compile_journey(raw: Any, file: str, reg: CounterRegistry, segments: set[str]) -> g.Journey:
-    """Raise _Many with every problem found, or return the compiled journey."""
+    """Raise CompileErrors with every problem found, or return the compiled journey."""
     if not isinstance(raw, Mapping):
-        raise _Many([CompileError((), "a journey file must be a mapping with journey, name, entry, steps")])
+        raise CompileErrors([CompileError((), "a journey file must be a mapping with journey, name, entry, steps")])
     jf: s.JourneyFile = _validate(s.JourneyFile, raw, ())
     errors: list[CompileError] = []
     ids = list(jf.steps)
@@ -166,7 +155,7 @@ def compile_journey(raw: Any, file: str, reg: CounterRegistry, segments: set[str
         kind = kinds[0]
         try:
             step = _validate(s.STEP_KINDS[kind], raw_step, path)
-        except _Many as m:
+        except CompileErrors as m:
             errors.extend(m.errors)
             continue
         try:
@@ -177,8 +166,22 @@ def compile_journey(raw: Any, file: str, reg: CounterRegistry, segments: set[str
     if not errors:
         errors.extend(_check_graph(nodes, ids))
     if errors:
-        raise _Many(errors)
-    return g.Journey(jf.journey, jf.name, jf.version, jf.status, entry, goal, exits, nodes, ids[0], file)
+        raise CompileErrors(errors)
+    return g.Journey(
+        jf.journey, jf.name, jf.version, jf.status, entry, goal, exits, nodes, ids[0], file, content_digest(raw)
+    )
+
+
+# Fields that do not change what a journey does to a user: editing them needs no version bump.
+_NOT_CONTENT = ("status", "description", "source")
+
+
+def content_digest(raw: Mapping[str, Any]) -> str:
+    """A short hash of what a journey file says (key order and comments do not matter): two
+    files with one version and different digests are an edit that forgot its version bump."""
+    doc = {k: v for k, v in raw.items() if k not in _NOT_CONTENT}
+    text = json.dumps(doc, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _text(v: str, path: Path, html: bool = False) -> Text:

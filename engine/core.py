@@ -351,10 +351,10 @@ class _Run:
             del self.st["instances"][jid]
             self.count("exited", jid, "journey_removed")
             return None
+        if inst["step"] not in j.steps:  # whatever the version: an edit removed the step
+            self.exit(j, "step_removed", t)
+            return None
         if inst["version"] != j.version:
-            if inst["step"] not in j.steps:
-                self.exit(j, "step_removed", t)
-                return None
             inst["version"] = j.version
         return j
 
@@ -363,9 +363,7 @@ class _Run:
     def advance(self, until: int) -> None:
         """Run every instance whose wake time is <= until, earliest first, each at its own due time."""
         while True:
-            due = [
-                (w, jid) for jid, i in self.st["instances"].items() if (w := i["wake"]) is not None and w <= until
-            ]
+            due = [(w, jid) for jid, i in self.st["instances"].items() if (w := i["wake"]) is not None and w <= until]
             if not due:
                 return
             wake, jid = min(due)

@@ -25,5 +25,24 @@ class JourneyFileErrors(NudgeflowError):
         super().__init__("\n".join(str(e) for e in errors))
 
 
-class DurationError(ValueError):
+Path = tuple[str | int, ...]  # where in a journey file: ("steps", "wait_1", "wait")
+
+
+class CompileError(NudgeflowError):
+    """One problem at a path inside a journey document (the loader adds file and line)."""
+
+    def __init__(self, path: Path, problem: str, line_offset: int | None = None) -> None:
+        self.path, self.problem, self.line_offset = path, problem, line_offset
+        super().__init__(problem)
+
+
+class CompileErrors(NudgeflowError):
+    """Every problem found in one document (the loader turns them into JourneyFileErrors)."""
+
+    def __init__(self, errors: list[CompileError]) -> None:
+        self.errors = errors
+        super().__init__("; ".join(e.problem for e in errors))
+
+
+class DurationError(NudgeflowError, ValueError):
     """A duration string could not be parsed."""

@@ -160,6 +160,7 @@ class Journey:
     steps: Mapping[str, Node]
     first: str
     file: str
+    digest: str = ""  # content hash of the file (compiler.content_digest): edits without a version bump
 
 
 @dataclass(frozen=True)

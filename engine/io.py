@@ -86,23 +86,6 @@ class SendRequest:
     trigger_event_id: str | None = None
     fallback: SendRequest | None = None
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "key": self.key,
-            "channel": self.channel,
-            "user_id": self.user_id,
-            "journey": self.journey,
-            "journey_version": self.journey_version,
-            "step": self.step,
-            "instance": self.instance,
-            "template": self.template,
-            "content": dict(self.content),
-            "data": dict(self.data),
-            "created_at": self.created_at,
-            "trigger_event_id": self.trigger_event_id,
-            "fallback": self.fallback.to_dict() if self.fallback else None,
-        }
-
 
 @dataclass(frozen=True, slots=True)
 class CallRequest:

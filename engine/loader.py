@@ -10,8 +10,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from nudgeflow.engine.compiler import CompileError, _Many, compile_journey, compile_segments
-from nudgeflow.engine.errors import JourneyFileError, JourneyFileErrors
+from nudgeflow.engine.compiler import compile_journey, compile_segments
+from nudgeflow.engine.errors import CompileError, CompileErrors, JourneyFileError, JourneyFileErrors
 from nudgeflow.engine.graph import Journey, JourneySet
 from nudgeflow.engine.predicates import CounterRegistry
 from nudgeflow.engine.yamlsource import format_path, line_of, load_with_lines
@@ -76,7 +76,7 @@ def compile_documents(
         if isinstance(data, dict) and "segments" in data and "journey" not in data:
             try:
                 segs, ces = compile_segments(data, reg)
-            except _Many as m:
+            except CompileErrors as m:
                 report(file, lines, m.errors)
                 continue
             for name in segs:
@@ -91,7 +91,7 @@ def compile_documents(
     for file, data, lines in journey_docs:
         try:
             j = compile_journey(data, file, reg, set(segments))
-        except _Many as m:
+        except CompileErrors as m:
             report(file, lines, m.errors)
             continue
         if j.id in seen:

@@ -15,13 +15,14 @@ from typing import Any, Protocol
 import orjson
 
 from nudgeflow.engine.durations import parse_duration
+from nudgeflow.engine.errors import NudgeflowError
 
 Props = Mapping[str, Any]
 Filter = Callable[[Props], bool]
 OPS = ("eq", "ne", "gt", "gte", "lt", "lte", "in", "not_in", "contains", "starts_with", "exists")
 
 
-class SpecError(ValueError):
+class SpecError(NudgeflowError, ValueError):
     """A filter or condition is malformed; `path` is relative to where it was found."""
 
     def __init__(self, path: tuple[str | int, ...], problem: str) -> None:

@@ -19,14 +19,14 @@ and checked by `engine.compiler`, which reports errors with the same file/line/p
 from __future__ import annotations
 
 import datetime as dt
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PositiveInt
 
 from nudgeflow.engine.durations import parse_duration
 
-CHANNELS = ("email", "sms", "push", "webpush", "whatsapp", "inapp", "webhook")
 Channel = Literal["email", "sms", "push", "webpush", "whatsapp", "inapp", "webhook"]
+CHANNELS: tuple[str, ...] = get_args(Channel)  # the one list of channels
 ID_PATTERN = r"^[a-z0-9][a-z0-9_\-]*$"
 
 

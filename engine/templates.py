@@ -15,6 +15,7 @@ from typing import Any
 from jinja2 import TemplateSyntaxError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from nudgeflow.engine.errors import NudgeflowError
 from nudgeflow.engine.timeparse import parse_iso
 
 
@@ -54,7 +55,7 @@ for _env in (_TEXT, _HTML):
     _env.globals["add_duration"] = add_duration
 
 
-class TemplateError(ValueError):
+class TemplateError(NudgeflowError, ValueError):
     def __init__(self, problem: str, line: int | None) -> None:
         self.line = line
         super().__init__(problem)

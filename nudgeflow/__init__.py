@@ -1,3 +1,10 @@
-"""The nudgeflow command line, settings, embedded broker and demo: the shell around the engine."""
+"""nudgeflow: a real-time customer-journey engine on Kafka.
+
+One import package. Its parts live at the top of the repository and import as subpackages
+(symbolic links here): `nudgeflow.engine` (the pure journey engine), `nudgeflow.streams` (topics
+and wire formats), `nudgeflow.agents` (the Faust worker), `nudgeflow.channels` (senders and the
+call runner). The modules directly in this folder are the shell: command line, settings,
+embedded broker, demo, simulate and enroll.
+"""
 
 __version__ = "0.1.0"

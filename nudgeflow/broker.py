@@ -108,6 +108,7 @@ def ensure_topics(
     retention_ms: int,
     copartitioned: list[str] | None = None,
     timeout: float = 30.0,
+    config: dict[str, str] | None = None,
 ) -> None:
     """Create missing topics; check that co-partitioned topics have equal partition counts."""
     admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 3})
@@ -117,7 +118,7 @@ def ensure_topics(
         raise BrokerError(f"cannot reach Kafka at {bootstrap}: {e}") from e
     missing = [n for n in dict.fromkeys(names) if n not in meta.topics]
     if missing:
-        cfg = {"retention.ms": str(retention_ms)}
+        cfg = {"retention.ms": str(retention_ms), **(config or {})}
         futures = admin.create_topics([NewTopic(n, partitions, 1, config=cfg) for n in missing])
         for name, fut in futures.items():
             try:

@@ -17,7 +17,9 @@ from typing import Annotated, Any
 import typer
 from pydantic import ValidationError
 
+from nudgeflow.channels.providers import PROVIDERS
 from nudgeflow.engine.errors import JourneyFileErrors, NudgeflowError
+from nudgeflow.engine.schema import CHANNELS
 from nudgeflow.settings import Settings
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -69,33 +71,34 @@ def run(
 
 @app.command()
 def send(
-    channel: Annotated[str, typer.Option(help="email, sms, push, webpush, whatsapp, inapp or webhook")] = "push",
-    provider: Annotated[str, typer.Option(help="console")] = "console",
+    channel: Annotated[str, typer.Option(help=" | ".join(CHANNELS))] = "push",
+    provider: Annotated[str, typer.Option(help=" | ".join(sorted(PROVIDERS)))] = "console",
     broker: Broker = None,
     group: Annotated[str | None, typer.Option(help="consumer group (default nudgeflow-sender-<channel>)")] = None,
     topic_prefix: Annotated[str | None, typer.Option()] = None,
     data_dir: Annotated[Path | None, typer.Option(help="where delivered keys are kept")] = None,
 ) -> None:
     """Run a sender: deliver the send requests of one channel topic, once per idempotency key."""
-    from nudgeflow.channels.providers import ConsoleProvider
+    from nudgeflow.channels.providers import UnknownProvider, make_provider
     from nudgeflow.channels.sender import Sender, run_sender
-    from nudgeflow.engine.schema import CHANNELS
     from nudgeflow.streams.topics import Topics
 
     s = settings(broker=broker, topic_prefix=topic_prefix, data_dir=data_dir)
     if channel not in CHANNELS:
         typer.echo(f"unknown channel '{channel}'; use one of {', '.join(CHANNELS)}", err=True)
         raise typer.Exit(2)
-    if provider != "console":
-        typer.echo(f"unknown provider '{provider}'; available: console", err=True)
-        raise typer.Exit(2)
+    try:
+        chosen = make_provider(provider, channel)
+    except UnknownProvider as e:
+        typer.echo(str(e), err=True)
+        raise typer.Exit(2) from None
     if s.broker == "embedded":
         typer.echo("a sender needs --broker kafka://host:port (the worker's broker)", err=True)
         raise typer.Exit(2)
     sender = Sender(
         s.bootstrap,
         channel,
-        ConsoleProvider(),
+        chosen,
         Topics(s.topic_prefix),
         group or f"{s.app_id}-sender-{channel}",
         s.data_dir,

@@ -12,7 +12,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="NUDGEFLOW_", extra="forbid")
+    model_config = SettingsConfigDict(env_prefix="NUDGEFLOW_", extra="forbid", frozen=True)
 
     broker: str = Field("embedded", description="kafka://host:9092[,host2:9092], or 'embedded' (Tansu)")
     app_id: str = Field("nudgeflow", description="consumer group and state table prefix")
@@ -43,6 +43,14 @@ class Settings(BaseSettings):
         description="end each batch's changelog records with a one-record batch per partition: needed on Tansu, "
         "whose ListOffsets(latest) answers the last batch's base offset + 1, so a restore would miss the rest "
         "of that batch; on by default with the embedded broker",
+    )
+    accept_edited_journeys: bool = Field(
+        False,
+        description="start even though a journey's content changed without a version bump (see README "
+        "'Editing journeys'); without it the worker refuses to start and names the journey",
+    )
+    release_quarantined: bool = Field(
+        False, description="release every quarantined user the next time an input or timer of theirs arrives"
     )
     log_level: str = Field("info")
     log_file: Path | None = None

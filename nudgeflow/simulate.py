@@ -19,7 +19,8 @@ import orjson
 from nudgeflow.engine.graph import JourneySet
 from nudgeflow.engine.io import Count, Input, SendRequest
 from nudgeflow.engine.simulate import Simulator, input_time
-from nudgeflow.streams.events import MIN_TS, Decoder, Invalid
+from nudgeflow.streams.events import MIN_TS, Decoder, Invalid, Release
+from nudgeflow.streams.wire import send_request_doc
 
 FAR_FUTURE = 2**62
 DRAIN_HORIZON_MS = 400 * 86_400_000  # without --until: run timers up to 400 days after the last input
@@ -43,14 +44,14 @@ def read_inputs(path: Path, profiles: Path | None, err: IO[str]) -> tuple[list[I
             if isinstance(got, Invalid):
                 err.write(f"{profiles}:{n}: {got.reason}: {got.detail}\n")
                 bad += 1
-            else:
+            elif not isinstance(got, Release):
                 inputs.append(got)
     for n, line in _lines(path):
         got = decoder.decode("custom_events", line, None, 0)
         if isinstance(got, Invalid):
             err.write(f"{path}:{n}: {got.reason}: {got.detail}\n")
             bad += 1
-        else:
+        elif not isinstance(got, Release):  # quarantine is the worker's: nothing to release here
             inputs.append(got)
     return inputs, bad
 
@@ -113,10 +114,10 @@ def write(sim: Simulator, out_dir: Path | None, bad: int) -> None:
     rows = [*summary(sim), {"type": "input", "invalid_lines": bad, "users": len(sim.states)}]
     if out_dir:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "sends.jsonl").write_bytes(b"".join(orjson.dumps(s.to_dict()) + b"\n" for s in sends))
+        (out_dir / "sends.jsonl").write_bytes(b"".join(orjson.dumps(send_request_doc(s)) + b"\n" for s in sends))
         (out_dir / "summary.jsonl").write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
         return
     for s in sends:
-        sys.stdout.write(orjson.dumps({"type": "send", **s.to_dict()}).decode() + "\n")
+        sys.stdout.write(orjson.dumps({"type": "send", **send_request_doc(s)}).decode() + "\n")
     for r in rows:
         sys.stdout.write(orjson.dumps(r).decode() + "\n")

@@ -9,11 +9,12 @@ from typing import Any
 import faust
 from prometheus_client import start_http_server
 
+from nudgeflow.agents import metrics
 from nudgeflow.agents.app import build_app
+from nudgeflow.agents.registry import REGISTRY_CONFIG, check_and_record
 from nudgeflow.broker import EmbeddedBroker, ensure_topics
 from nudgeflow.engine.loader import load_journeys
 from nudgeflow.settings import Settings
-from nudgeflow.streams.events import Decoder
 from nudgeflow.streams.topics import Topics
 
 log = logging.getLogger("nudgeflow")
@@ -45,6 +46,14 @@ def run_worker(settings: Settings) -> None:
                 settings.retention_ms,
                 copartitioned=topics.inputs,
             )
+            ensure_topics(settings.bootstrap, [topics.journey_registry], 1, -1, config=REGISTRY_CONFIG)
+        accepted = check_and_record(
+            settings.bootstrap, topics.journey_registry, journeys, settings.accept_edited_journeys
+        )
+        for e in accepted:
+            log.warning("journey %s version %s runs edited content %s (was %s)", e.journey, e.version, e.now, e.was)
+        for j in journeys.journeys.values():
+            metrics.JOURNEY_INFO.labels(j.id, str(j.version), j.digest).set(1)
         port = start_metrics(settings.metrics_host, settings.metrics_port)
         print(
             f"nudgeflow worker {settings.app_id}: {len(journeys.journeys)} journey(s) "
@@ -52,26 +61,7 @@ def run_worker(settings: Settings) -> None:
             f"metrics at http://{settings.metrics_host}:{port}/metrics",
             flush=True,
         )
-        app, _runtime = build_app(
-            app_id=settings.app_id,
-            bootstrap=settings.bootstrap,
-            data_dir=str(settings.data_dir),
-            partitions=settings.partitions,
-            journeys=journeys,
-            topics=topics,
-            decoder=Decoder(settings.max_event_bytes, settings.max_future_ms, settings.topic_prefix),
-            batch_max=settings.batch_max,
-            batch_within_ms=settings.batch_within_ms,
-            timer_interval_ms=settings.timer_interval_ms,
-            grace_ms=settings.timer_grace_ms,
-            fire_limit=settings.timer_fire_limit,
-            session_timeout_s=settings.session_timeout_s,
-            heartbeat_s=settings.heartbeat_s,
-            rebalance_timeout_s=settings.rebalance_timeout_s,
-            block_cache_mb=settings.block_cache_mb,
-            write_buffer_mb=settings.write_buffer_mb,
-            changelog_end_marker=settings.changelog_end_marker,
-        )
+        app, _runtime = build_app(settings, journeys)
         # INFO, not WARN: at WARN Faust's progress spinner turns the root logger to DEBUG.
         level = settings.log_level if settings.log_level.lower() in ("debug", "info") else "info"
         worker_kwargs: dict[str, Any] = {"loglevel": level, "quiet": True, "redirect_stdouts": False}

@@ -21,9 +21,10 @@ from typing import Any
 
 import orjson
 
-from nudgeflow.engine.io import CallResult, Enroll, Event, Feedback, Input, ProfileUpdate
+from nudgeflow.engine.io import Enroll, Event, Input, ProfileUpdate
 from nudgeflow.engine.timeparse import datetime_to_ms, parse_iso
 from nudgeflow.streams.topics import CUSTOM_TOPIC, EVENT_TOPICS, PROFILE_TOPIC
+from nudgeflow.streams.wire import WireError, decode_feedback
 
 REASONS = (
     "too_large",
@@ -36,9 +37,21 @@ REASONS = (
     "bad_timestamp",
     "bad_props",
     "bad_message",
+    "too_deep",
+    "quarantine_overflow",
 )
 MIN_TS = 946_684_800_000  # 2000-01-01: anything earlier is a unit mistake (seconds, not ms)
 ENROLL_EVENT = "nudgeflow.enroll"  # custom event: {"props": {"journey": id}} enters a user
+RELEASE_EVENT = "nudgeflow.release"  # custom event: lifts the user's quarantine (`nudgeflow release`)
+MAX_DEPTH = 32  # nesting of props / attributes / call answers: deeper input is rejected (too_deep)
+
+
+@dataclass(frozen=True, slots=True)
+class Release:
+    """Release a quarantined user (not an engine input: the worker's batch core handles it)."""
+
+    user_id: str
+    ts: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,7 +66,7 @@ class Decoder:
     def __init__(self, max_bytes: int = 65536, max_future_ms: int = 86_400_000, prefix: str = "") -> None:
         self.max_bytes, self.max_future_ms, self.prefix = max_bytes, max_future_ms, prefix
 
-    def decode(self, topic: str, value: bytes | None, kafka_ts: int | None, now_ms: int) -> Input | Invalid:
+    def decode(self, topic: str, value: bytes | None, kafka_ts: int | None, now_ms: int) -> Input | Release | Invalid:
         base = topic[len(self.prefix) :] if self.prefix and topic.startswith(self.prefix) else topic
         if value is None:
             return Invalid("not_json", "empty message (tombstone)")
@@ -65,6 +78,8 @@ class Decoder:
             return Invalid("not_json", f"not JSON: {str(e).split(':')[0]}")
         if not isinstance(doc, dict):
             return Invalid("not_object", f"a JSON {type(doc).__name__}, not an object")
+        if not within_depth(doc, MAX_DEPTH):
+            return Invalid("too_deep", f"nested deeper than {MAX_DEPTH} levels")
         user = doc.get("user_id")
         if user is None or user == "":
             return Invalid("missing_user_id", "no user_id")
@@ -81,7 +96,10 @@ class Decoder:
                 return Invalid("bad_props", "attributes must be an object")
             return ProfileUpdate(user, ts, attrs)
         if base.endswith("nudgeflow.feedback"):
-            return self._feedback(user, doc)
+            try:
+                return decode_feedback(user, doc)
+            except WireError as e:
+                return Invalid("bad_message", str(e))
         props = doc.get("props", {})
         if props is None:
             props = {}
@@ -97,6 +115,8 @@ class Decoder:
         event_id = doc.get("event_id")
         if event_id is not None and not isinstance(event_id, str):
             event_id = str(event_id)
+        if name == RELEASE_EVENT:
+            return Release(user, ts)
         if name == ENROLL_EVENT:
             journey = props.get("journey")
             if not isinstance(journey, str):
@@ -128,15 +148,19 @@ class Decoder:
             return Invalid("bad_timestamp", f"ts more than {self.max_future_ms // 1000}s in the future")
         return ts
 
-    @staticmethod
-    def _feedback(user: str, doc: dict[str, Any]) -> Input | Invalid:
-        kind = doc.get("type")
-        if kind == "feedback":
-            ch, status = doc.get("channel"), doc.get("status")
-            if isinstance(ch, str) and isinstance(status, str):
-                return Feedback(user, ch, status)
-        elif kind == "call_result":
-            key = doc.get("key")
-            if isinstance(key, str):
-                return CallResult(user, key, bool(doc.get("ok")), doc.get("body"))
-        return Invalid("bad_message", "feedback needs type feedback (channel, status) or call_result (key)")
+
+def within_depth(doc: Any, limit: int) -> bool:
+    """Whether objects and arrays nest at most `limit` levels (iterative: no recursion limit)."""
+    todo: list[tuple[Any, int]] = [(doc, 1)]
+    while todo:
+        v, depth = todo.pop()
+        if isinstance(v, dict):
+            children: Any = v.values()
+        elif isinstance(v, list):
+            children = v
+        else:
+            continue
+        if depth > limit:
+            return False
+        todo.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
+    return True

@@ -34,7 +34,8 @@ class Topics:
 
     @property
     def ticks(self) -> str:
-        """Internal: due timers, produced by the timer scanner to the user's own partition."""
+        """Internal: the topic whose partitions name the worker's state partitions (the timer
+        scanner fires due timers in-process; tick messages found here are still applied)."""
         return self.name("nudgeflow.ticks")
 
     @property
@@ -51,6 +52,11 @@ class Topics:
     def profile_changes(self) -> str:
         """Profile attributes changed by journeys' update steps, for a profile sink."""
         return self.name("nudgeflow.profile_changes")
+
+    @property
+    def journey_registry(self) -> str:
+        """Internal, one partition, compacted: the content digest of every journey version run."""
+        return self.name("nudgeflow.journeys")
 
     def channel(self, channel: str) -> str:
         return self.name(f"nudgeflow.send.{channel}")

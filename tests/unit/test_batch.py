@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import orjson
+import pytest
 
 from nudgeflow.agents.batch import BatchCore, Message
 from nudgeflow.agents.keys import parse_timer_key, user_key
@@ -102,7 +103,7 @@ def test_event_time_gate_holds_timers_while_an_input_lags() -> None:
 def test_batch_reports_progress_per_topic_partition() -> None:
     c, store = core(), MemStore()
     out = c.run([msg("add_to_cart", 7, {"user_id": "u1", "ts": T0 + 5}), msg("add_to_cart", 8, b"bad")], store)
-    assert out.last_offset == {("add_to_cart", 0): 7} and out.max_ts == {("add_to_cart", 0): T0 + 5}
+    assert out.max_ts == {("add_to_cart", 0): T0 + 5}
 
 
 def test_ticks_are_classified_fired_or_stale_and_purchases_cancel_timers() -> None:
@@ -118,3 +119,54 @@ def test_ticks_are_classified_fired_or_stale_and_purchases_cancel_timers() -> No
     c2, store2 = core(), MemStore()
     store2.apply(c2.run([msg("add_to_cart", 0, {"user_id": "u2", "ts": T0})], store2).writes)
     assert c2.run([msg("charged", 0, {"user_id": "u2", "ts": T0 + M})], store2).timers_cancelled == 1
+
+
+def test_an_exception_for_one_user_quarantines_that_user_only_and_release_applies_what_was_parked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from nudgeflow.engine import core as engine_core
+
+    real = engine_core.process
+
+    def faulty(state, inp, now, js):  # type: ignore[no-untyped-def]
+        if inp.user_id == "boom":
+            raise RuntimeError("injected")
+        return real(state, inp, now, js)
+
+    c, store = core(), MemStore()
+    cart = {"ts": T0, "props": {"product": "Hoodie"}}
+    monkeypatch.setattr(engine_core, "process", faulty)
+    batch = [msg("add_to_cart", i, {**cart, "user_id": u}) for i, u in enumerate(("u1", "boom", "u2"))]
+    out = c.run(batch, store)
+    store.apply(out.writes)
+    assert out.quarantined == [("boom", "RuntimeError")] and out.parked == 1
+    timers = sorted(parse_timer_key(k)[1] for k, v in out.writes[0] if k.startswith(b"t:") and v)
+    assert timers == ["u1", "u2"]  # everyone else went on
+    rec = orjson.loads(store.data[0][user_key("boom")])
+    assert rec["quarantine"]["error"] == "RuntimeError" and len(rec["quarantine"]["parked"]) == 1
+    assert b"injected" not in store.data[0][user_key("boom")]  # the text may quote user data: not kept
+
+    later = c.run([msg("charged", 7, {"ts": T0 + M, "user_id": "boom"})], store)  # parked, not applied
+    store.apply(later.writes)
+    assert later.parked == 1 and later.records == []
+    assert c.run([msg("nudgeflow.ticks", 0, {"user_id": "boom", "due": T0 + 30 * M})], store).records == []
+
+    monkeypatch.setattr(engine_core, "process", real)  # "after a fix"
+    release = {"user_id": "boom", "event": "nudgeflow.release", "ts": T0 + 2 * M}
+    out = c.run([msg("custom_events", 8, release)], store)
+    store.apply(out.writes)
+    assert out.released == 1
+    rec = orjson.loads(store.data[0][user_key("boom")])
+    assert "quarantine" not in rec
+    # the parked cart entered and the parked purchase converted: no push is ever due
+    assert rec["state"]["instances"] == {} and rec["state"]["entries"]["clevertap-cart-inaction"]["count"] == 1
+
+
+def test_deeply_nested_input_is_dead_lettered_not_crashing_the_batch() -> None:
+    deep = b'{"user_id": "u1", "ts": %d, "props": ' % T0 + b'{"a": ' * 300 + b"1" + b"}" * 301
+    assert orjson.loads(deep)  # valid JSON, but no state holding it could be written
+    c, store = core(), MemStore()
+    out = c.run([msg("add_to_cart", 0, deep), msg("add_to_cart", 1, {"user_id": "u2", "ts": T0})], store)
+    assert out.invalid == [("add_to_cart", "too_deep")]
+    assert [r.headers[0] for r in out.records if r.topic == "nudgeflow.dead_letter"] == [("reason", b"too_deep")]
+    assert user_key("u2") in [k for k, _ in out.writes[0]]

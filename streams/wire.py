@@ -1,0 +1,159 @@
+"""Every message nudgeflow writes or reads on its own topics: one module owns each wire format.
+
+Input events from the site (page_viewed, ..., user_profiles) are validated by `streams.events`;
+everything nudgeflow produces itself is built and parsed here, so the worker, the senders, the
+call runner, `simulate` and the benchmarks cannot drift apart:
+
+    nudgeflow.send.<channel>   send request      SendRequest as JSON; header idempotency_key
+    nudgeflow.calls            call request      CallRequest as JSON; header idempotency_key
+    nudgeflow.feedback         feedback          {"user_id", "type": "feedback", "channel", "status"}
+                               call result       {"user_id", "type": "call_result", "key", "ok", "body"}
+    nudgeflow.profile_changes  profile change    {"user_id", "ts", "attributes"}
+    nudgeflow.ticks            tick (legacy)     {"user_id", "due"}: still read, no longer written
+    nudgeflow.dead_letter      the original key and value; headers reason, detail, source_*
+
+Every message is keyed by user id (the co-partitioning key of the worker's inputs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import orjson
+from pydantic import TypeAdapter, ValidationError
+
+from nudgeflow.engine.errors import NudgeflowError
+from nudgeflow.engine.io import CallRequest, CallResult, Feedback, ProfileChanged, SendRequest
+
+Headers = list[tuple[str, bytes]]
+T = TypeVar("T")
+IDEMPOTENCY_HEADER = "idempotency_key"
+
+
+class WireError(NudgeflowError, ValueError):
+    """A message of one of nudgeflow's own formats is malformed (the text says what, never values)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Encoded:
+    """A message ready to produce: key (the user id), value and headers."""
+
+    key: bytes
+    value: bytes
+    headers: Headers | None = None
+
+
+# --- send requests ---------------------------------------------------------------------------
+
+_SEND = TypeAdapter(SendRequest)
+_CALL = TypeAdapter(CallRequest)
+
+
+def send_request_doc(req: SendRequest) -> dict[str, Any]:
+    """The JSON document of a send request (also what `simulate` prints)."""
+    return {
+        "key": req.key,
+        "channel": req.channel,
+        "user_id": req.user_id,
+        "journey": req.journey,
+        "journey_version": req.journey_version,
+        "step": req.step,
+        "instance": req.instance,
+        "template": req.template,
+        "content": dict(req.content),
+        "data": dict(req.data),
+        "created_at": req.created_at,
+        "trigger_event_id": req.trigger_event_id,
+        "fallback": send_request_doc(req.fallback) if req.fallback else None,
+    }
+
+
+def encode_send_request(req: SendRequest) -> Encoded:
+    return Encoded(req.user_id.encode(), orjson.dumps(send_request_doc(req)), [(IDEMPOTENCY_HEADER, req.key.encode())])
+
+
+def decode_send_request(value: bytes | None) -> SendRequest:
+    return _validated(_SEND, value, "send request")
+
+
+def _validated(adapter: TypeAdapter[T], value: bytes | None, what: str) -> T:
+    try:
+        return adapter.validate_python(orjson.loads(value or b""))
+    except (orjson.JSONDecodeError, ValidationError) as e:
+        raise WireError(f"not a {what}: {type(e).__name__}") from None
+
+
+# --- call requests and results ---------------------------------------------------------------
+
+
+def encode_call_request(req: CallRequest) -> Encoded:
+    doc = {
+        "key": req.key,
+        "user_id": req.user_id,
+        "journey": req.journey,
+        "step": req.step,
+        "method": req.method,
+        "url": req.url,
+        "headers": req.headers,
+        "body": req.body,
+        "timeout_ms": req.timeout_ms,
+        "created_at": req.created_at,
+    }
+    return Encoded(req.user_id.encode(), orjson.dumps(doc), [(IDEMPOTENCY_HEADER, req.key.encode())])
+
+
+def decode_call_request(value: bytes | None) -> CallRequest:
+    return _validated(_CALL, value, "call request")
+
+
+def encode_call_result(res: CallResult) -> Encoded:
+    doc = {"user_id": res.user_id, "type": "call_result", "key": res.key, "ok": res.ok, "body": res.body}
+    return Encoded(res.user_id.encode(), orjson.dumps(doc))
+
+
+def encode_feedback(fb: Feedback) -> Encoded:
+    doc = {"user_id": fb.user_id, "type": "feedback", "channel": fb.channel, "status": fb.status}
+    return Encoded(fb.user_id.encode(), orjson.dumps(doc))
+
+
+def decode_feedback(user: str, doc: dict[str, Any]) -> Feedback | CallResult:
+    """The feedback topic's two message types (the user id is already validated)."""
+    kind = doc.get("type")
+    if kind == "feedback":
+        ch, status = doc.get("channel"), doc.get("status")
+        if isinstance(ch, str) and isinstance(status, str):
+            return Feedback(user, ch, status)
+    elif kind == "call_result":
+        key = doc.get("key")
+        if isinstance(key, str):
+            return CallResult(user, key, bool(doc.get("ok")), doc.get("body"))
+    raise WireError("feedback needs type feedback (channel, status) or call_result (key)")
+
+
+# --- profile changes, ticks, dead letters ----------------------------------------------------
+
+
+def encode_profile_change(fx: ProfileChanged) -> Encoded:
+    doc = {"user_id": fx.user_id, "ts": fx.ts, "attributes": fx.attributes}
+    return Encoded(fx.user_id.encode(), orjson.dumps(doc))
+
+
+def decode_tick(value: bytes | None) -> tuple[str, int]:
+    """(user id, due) of a tick message."""
+    try:
+        doc = orjson.loads(value or b"")
+        return str(doc["user_id"]), int(doc["due"])
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+        raise WireError("tick needs user_id and due") from None
+
+
+def dead_letter_headers(reason: str, detail: str, topic: str, partition: int, offset: int) -> Headers:
+    """Why a message went to the dead-letter topic and where it came from (no payload values)."""
+    return [
+        ("reason", reason.encode()),
+        ("detail", detail.encode()),
+        ("source_topic", topic.encode()),
+        ("source_partition", str(partition).encode()),
+        ("source_offset", str(offset).encode()),
+    ]
