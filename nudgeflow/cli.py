@@ -5,6 +5,7 @@ nudgeflow run         a journey worker (embedded broker, or --broker kafka://hos
 nudgeflow send        a sender for one channel topic (console provider, ...)
 nudgeflow validate    check journey files; errors name file, line and what is wrong
 nudgeflow schema      print the JSON Schema of journey files (for editors)
+nudgeflow release     release quarantined users after a fix
 """
 
 from __future__ import annotations
@@ -149,6 +150,31 @@ def enroll(
     def go() -> None:
         topic = Topics(s.topic_prefix).name(CUSTOM_TOPIC)
         typer.echo(f"enrolled {produce_enrollments(s.bootstrap, topic, users, journey)} user(s) into {journey}")
+
+    _guard(go)
+
+
+@app.command()
+def release(
+    user: Annotated[list[str], typer.Option("--user", "-u", help="user id to release (repeatable)")],
+    broker: Broker = None,
+    topic_prefix: Annotated[str | None, typer.Option()] = None,
+) -> None:
+    """Release quarantined users after a fix: their parked inputs are applied, their timers run."""
+    import time
+
+    from nudgeflow.enroll import produce_user_events, release_events
+    from nudgeflow.streams.topics import CUSTOM_TOPIC, Topics
+
+    s = settings(broker=broker, topic_prefix=topic_prefix)
+    if s.broker == "embedded":
+        typer.echo("release needs --broker kafka://host:port (the worker's broker)", err=True)
+        raise typer.Exit(2)
+
+    def go() -> None:
+        topic = Topics(s.topic_prefix).name(CUSTOM_TOPIC)
+        n = produce_user_events(s.bootstrap, topic, release_events(user, int(time.time() * 1000)))
+        typer.echo(f"asked the workers to release {n} user(s)")
 
     _guard(go)
 

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import csv
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import orjson
 
 from nudgeflow.engine.errors import NudgeflowError
-from nudgeflow.streams.events import ENROLL_EVENT
+from nudgeflow.streams.events import ENROLL_EVENT, RELEASE_EVENT
 
 
 class EnrollFileError(NudgeflowError):
@@ -49,6 +49,17 @@ def enroll_events(path: Path, journey: str, now_ms: int | None = None) -> Iterat
 
 
 def produce_enrollments(bootstrap: str, topic: str, path: Path, journey: str) -> int:
+    return produce_user_events(bootstrap, topic, enroll_events(path, journey))
+
+
+def release_events(users: Iterable[str], ts: int) -> Iterator[tuple[str, dict[str, Any]]]:
+    """`nudgeflow release`: lift the quarantine of these users (README "Quarantine")."""
+    for user in users:
+        yield user, {"user_id": user, "event": RELEASE_EVENT, "ts": ts}
+
+
+def produce_user_events(bootstrap: str, topic: str, events: Iterable[tuple[str, dict[str, Any]]]) -> int:
+    """Produce (user, event) pairs keyed by user, with the input topics' partitioner."""
     from confluent_kafka import Producer
 
     producer = Producer(
@@ -61,7 +72,7 @@ def produce_enrollments(bootstrap: str, topic: str, path: Path, journey: str) ->
         }
     )
     n = 0
-    for user, event in enroll_events(path, journey):
+    for user, event in events:
         while True:
             try:
                 producer.produce(topic, key=user.encode(), value=orjson.dumps(event))
@@ -70,5 +81,5 @@ def produce_enrollments(bootstrap: str, topic: str, path: Path, journey: str) ->
                 producer.poll(0.1)
         n += 1
     if producer.flush(60):
-        raise NudgeflowError("some enrolments were not delivered within 60 s")
+        raise NudgeflowError("some events were not delivered within 60 s")
     return n

@@ -50,6 +50,8 @@ class Worker:
     log: Path
     metrics_port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
+    module: str = "nudgeflow.cli"  # tests.integration.faulty_worker injects an engine fault
+    extra_env: dict[str, str] = field(default_factory=dict)
 
     def env(self) -> dict[str, str]:
         return {
@@ -67,11 +69,12 @@ class Worker:
             "NUDGEFLOW_TIMER_INTERVAL_MS": "100",
             "NUDGEFLOW_CHANGELOG_END_MARKER": "true",  # Tansu (see Settings)
             "NUDGEFLOW_LOG_FILE": str(self.log),
+            **self.extra_env,
         }
 
     def start(self, timeout: float = 60) -> Worker:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "nudgeflow.cli", "run"],
+            [sys.executable, "-m", self.module, "run"],
             env=self.env(),
             stdout=subprocess.DEVNULL,
             stderr=open(self.log.with_suffix(".err"), "ab"),  # noqa: SIM115 - the child process keeps it
