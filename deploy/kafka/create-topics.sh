@@ -11,3 +11,6 @@ create() { kafka-topics.sh --bootstrap-server "$BOOTSTRAP" --create --if-not-exi
 for t in page_viewed add_to_cart charged custom_events user_profiles nudgeflow.ticks nudgeflow.feedback; do create "$t"; done
 for c in email sms push webpush whatsapp inapp webhook; do create "nudgeflow.send.$c"; done
 for t in nudgeflow.dead_letter nudgeflow.calls nudgeflow.profile_changes; do create "$t"; done
+# the journey registry: one partition, compacted, never expired (see README "Editing journeys")
+kafka-topics.sh --bootstrap-server "$BOOTSTRAP" --create --if-not-exists --topic "${PREFIX}nudgeflow.journeys" \
+  --partitions 1 --replication-factor "$REPLICATION" --config cleanup.policy=compact --config retention.ms=-1
