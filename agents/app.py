@@ -56,7 +56,14 @@ class Runtime:
         self.app, self.topics, self.output = app, topics, output
         self.store = StateStore(table)
         decoder = Decoder(settings.max_event_bytes, settings.max_future_ms, settings.topic_prefix)
-        self.core = BatchCore(journeys, topics, decoder, release_quarantined=settings.release_quarantined)
+        self.core = BatchCore(
+            journeys,
+            topics,
+            decoder,
+            release_quarantined=settings.release_quarantined,
+            keyless=settings.keyless,
+            dead_letter_max_bytes=settings.dead_letter_max_bytes,
+        )
         self.scanner = TimerScanner(self.store, settings.timer_grace_ms, settings.timer_fire_limit)
         self.changelog = table.changelog_topic.get_topic_name()
         self._rebalance_started: float | None = time.monotonic()  # the first restore counts from start
@@ -240,6 +247,7 @@ def build_app(settings: Settings, journeys: JourneySet) -> tuple[faust.App, Runt
         broker_heartbeat_interval=s.heartbeat_s,
         broker_rebalance_timeout=s.rebalance_timeout_s,
         topic_allow_declare=True,
+        consumer_max_fetch_size=s.max_fetch_bytes,
     )
     table = app.Table(
         TABLE,

@@ -139,10 +139,14 @@ class BatchCore:
         decoder: Decoder,
         clock: Callable[[], float] = time.time,
         release_quarantined: bool = False,
+        keyless: str = "accept",
+        dead_letter_max_bytes: int = 512 * 1024,
     ) -> None:
         self.journeys, self.topics, self.decoder, self.clock = journeys, topics, decoder, clock
         self.ticks_topic = topics.ticks
         self.release_all = release_quarantined  # Settings.release_quarantined
+        self.keyless = keyless  # Settings.keyless: "accept" or "dead_letter"
+        self.dead_letter_max_bytes = dead_letter_max_bytes
 
     def run(self, msgs: Sequence[Message], store: StateReader) -> BatchOutput:
         """Decode and apply in message order (no cross-topic alignment)."""
@@ -193,7 +197,7 @@ class BatchCore:
                     if self._park(rec, m, out):
                         dirty.add(ck)
                     continue
-                rec = cache[ck] = self._release(rec, m.partition, now_ms, out, timer_ops)
+                rec = cache[ck] = self._release(rec, inp.user_id, now_ms, out, timer_ops)
                 dirty.add(ck)
             if isinstance(inp, Release):
                 if rec is not None and "quarantine" not in rec:  # released: run what fell due meanwhile
@@ -280,7 +284,7 @@ class BatchCore:
     def _release(
         self,
         rec: UserRecord,
-        p: int,
+        user: str,
         now_ms: int,
         out: BatchOutput,
         timer_ops: dict[int, dict[tuple[int, str], bool]],
@@ -290,7 +294,8 @@ class BatchCore:
         parked = rec.pop("quarantine")["parked"]
         out.released += 1
         for i, pi in enumerate(parked):
-            msg = Message(pi["topic"], pi["partition"], -1, None, pi["value"].encode(), pi["kafka_ts"])
+            key = user.encode()
+            msg = Message(pi["topic"], pi["partition"], -1, key, pi["value"].encode(), pi["kafka_ts"])
             inp, at = self._decode(msg, now_ms, out)
             if inp is None or isinstance(inp, Release):
                 continue
@@ -310,6 +315,8 @@ class BatchCore:
                 return None, 0
             return Tick(user), due
         inp = self.decoder.decode(m.topic, m.value, m.timestamp, now_ms)
+        if not isinstance(inp, Invalid):
+            inp = self._key_policy(m, inp)
         if isinstance(inp, Invalid):
             self._dead(m, inp, out)
             return None, 0
@@ -323,16 +330,28 @@ class BatchCore:
             case _:
                 assert_never(inp)
 
-    def _dead(self, m: Message, bad: Invalid, out: BatchOutput) -> None:
-        out.invalid.append((m.topic, bad.reason))
-        out.records.append(
-            Record(
-                self.topics.dead_letter,
-                m.key,
-                m.value or b"",
-                wire.dead_letter_headers(bad.reason, bad.detail, m.topic, m.partition, m.offset),
+    def _key_policy(self, m: Message, inp: Input | Release) -> Input | Release | Invalid:
+        """A user's inputs must all reach the partition that holds the user's state: the message key
+        is the user id (README "Keys and partitions")."""
+        if m.key is None:
+            if self.keyless == "dead_letter":
+                return Invalid("missing_key", "no message key: key input messages by user_id")
+            return inp
+        if m.key != inp.user_id.encode():
+            return Invalid(
+                "key_mismatch", "the message key is not the user_id: the user would be split across partitions"
             )
-        )
+        return inp
+
+    def _dead(self, m: Message, bad: Invalid, out: BatchOutput) -> None:
+        """The message to the dead-letter topic with its reason; as a stub (sizes and hashes, the
+        coordinates to fetch the original) when it would not fit in a dead-letter message."""
+        out.invalid.append((m.topic, bad.reason))
+        headers = wire.dead_letter_headers(bad.reason, bad.detail, m.topic, m.partition, m.offset)
+        key, value = m.key, m.value or b""
+        if len(value) + len(key or b"") > self.dead_letter_max_bytes:
+            key, value, headers = wire.dead_letter_stub(key, value, headers)
+        out.records.append(Record(self.topics.dead_letter, key, value, headers))
 
     def _effects(
         self,

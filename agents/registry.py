@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import uuid
 from dataclasses import dataclass
 
 import orjson
@@ -39,15 +40,22 @@ class Edit:
     now: str
 
 
-def read_registry(bootstrap: str, topic: str, timeout: float = 30.0) -> dict[str, str]:
+@dataclass
+class Registry:
+    journeys: dict[str, str]  # "<id>@<version>" -> content digest
+    incarnation: str | None  # the first id ever recorded: names this cluster's nudgeflow data
+
+
+def read_registry(bootstrap: str, topic: str, timeout: float = 30.0) -> Registry:
     consumer = Consumer(
         {"bootstrap.servers": bootstrap, "group.id": "nudgeflow-registry", "enable.auto.commit": False, "log_level": 3}
     )
     seen: dict[str, str] = {}
+    incarnation: str | None = None
     try:
         low, high = consumer.get_watermark_offsets(TopicPartition(topic, 0), timeout=timeout, cached=False)
         if high <= low:
-            return seen
+            return Registry(seen, None)
         consumer.assign([TopicPartition(topic, 0, low)])
         position, deadline = low, time.monotonic() + timeout
         while position < high:
@@ -57,13 +65,15 @@ def read_registry(bootstrap: str, topic: str, timeout: float = 30.0) -> dict[str
                 if m.error():
                     continue
                 with contextlib.suppress(orjson.JSONDecodeError, AttributeError, TypeError, ValueError):
-                    seen.update(orjson.loads(m.value() or b"{}").get("journeys", {}))  # not ours: ignored
+                    doc = orjson.loads(m.value() or b"{}")  # not ours: ignored
+                    seen.update(doc.get("journeys", {}))
+                    incarnation = incarnation or doc.get("incarnation")
                 position = m.offset() + 1
     except KafkaException as e:
         raise NudgeflowError(f"cannot read the journey registry {topic}: {e}") from e
     finally:
         consumer.close()
-    return seen
+    return Registry(seen, incarnation)
 
 
 def edits(journeys: JourneySet, recorded: dict[str, str]) -> list[Edit]:
@@ -75,9 +85,13 @@ def edits(journeys: JourneySet, recorded: dict[str, str]) -> list[Edit]:
     return out
 
 
-def check_and_record(bootstrap: str, topic: str, journeys: JourneySet, accept_edits: bool) -> list[Edit]:
-    """Refuse edited journeys (unless accepted); record this set. Returns the accepted edits."""
-    recorded = read_registry(bootstrap, topic)
+def check_and_record(
+    bootstrap: str, topic: str, journeys: JourneySet, accept_edits: bool
+) -> tuple[list[Edit], str]:
+    """Refuse edited journeys (unless accepted); record this set. Returns the accepted edits and
+    the cluster's incarnation id (created by the first worker ever; the earliest record wins)."""
+    registry = read_registry(bootstrap, topic)
+    recorded = registry.journeys
     found = edits(journeys, recorded)
     if found and not accept_edits:
         lines = [
@@ -91,9 +105,15 @@ def check_and_record(bootstrap: str, topic: str, journeys: JourneySet, accept_ed
             "reason step_removed; users in a wait keep the deadline they have)"
         )
     merged = {**recorded, **{f"{j.id}@{j.version}": j.digest for j in journeys.journeys.values()}}
-    if merged != recorded:
+    incarnation = registry.incarnation
+    if merged != recorded or incarnation is None:
         producer = Producer({"bootstrap.servers": bootstrap, "log_level": 3, "linger.ms": 0})
-        producer.produce(topic, key=b"registry", value=orjson.dumps({"journeys": merged}))
+        doc = {"journeys": merged, "incarnation": incarnation or uuid.uuid4().hex}
+        producer.produce(topic, key=b"registry", value=orjson.dumps(doc))
         if producer.flush(30):
             raise NudgeflowError(f"cannot write the journey registry {topic}")
-    return found
+        if incarnation is None:  # two first workers at once: the earlier record wins
+            incarnation = read_registry(bootstrap, topic).incarnation
+    if incarnation is None:
+        raise NudgeflowError(f"the journey registry {topic} has no incarnation id after writing one")
+    return found, incarnation

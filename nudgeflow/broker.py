@@ -101,6 +101,19 @@ class EmbeddedBroker:
         self.stop()
 
 
+TANSU_CLUSTER_ID = "tansu_cluster"  # Tansu's fixed cluster id: memory storage, gone with the process
+
+
+def cluster_identity(bootstrap: str, timeout: float = 30.0) -> str:
+    """The cluster id the brokers report."""
+    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 3})
+    try:
+        cid: str | None = admin.list_topics(timeout=timeout).cluster_id
+    except Exception as e:
+        raise BrokerError(f"cannot reach Kafka at {bootstrap}: {e}") from e
+    return cid or "unknown"
+
+
 def ensure_topics(
     bootstrap: str,
     names: list[str],

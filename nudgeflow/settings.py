@@ -6,6 +6,7 @@ See README "Configuration" for the table of settings.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -26,6 +27,19 @@ class Settings(BaseSettings):
     metrics_port: int = Field(9464, description="Prometheus /metrics port; 0 picks a free one")
     max_event_bytes: int = Field(65536, description="larger messages go to the dead-letter topic")
     max_future_ms: int = Field(86_400_000, description="event times further ahead are rejected")
+    keyless: Literal["accept", "dead_letter"] = Field(
+        "dead_letter",
+        description="input messages without a key: a keyless message lands on any partition, away from the "
+        "user's state, so by default it is dead-lettered (missing_key); keys must be the user_id (else key_mismatch)",
+    )
+    dead_letter_max_bytes: int = Field(
+        512 * 1024, description="a rejected message larger than this goes to the dead-letter topic as a stub"
+    )
+    max_fetch_bytes: int = Field(
+        16 * 2**20,
+        description="consumer fetch size per partition: at least the brokers' message.max.bytes, so that no "
+        "message the broker accepts is skipped unseen",
+    )
     batch_max: int = Field(1000, ge=1, description="messages per processing batch")
     batch_within_ms: int = Field(50, ge=1, description="max wait to fill a batch")
     timer_interval_ms: int = Field(200, ge=10, description="how often due timers are scanned")

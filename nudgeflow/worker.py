@@ -9,10 +9,10 @@ from typing import Any
 import faust
 from prometheus_client import start_http_server
 
-from nudgeflow.agents import metrics
+from nudgeflow.agents import datadir, metrics
 from nudgeflow.agents.app import build_app
 from nudgeflow.agents.registry import REGISTRY_CONFIG, check_and_record
-from nudgeflow.broker import EmbeddedBroker, ensure_topics
+from nudgeflow.broker import TANSU_CLUSTER_ID, EmbeddedBroker, cluster_identity, ensure_topics
 from nudgeflow.engine.loader import load_journeys
 from nudgeflow.settings import Settings
 from nudgeflow.streams.topics import Topics
@@ -47,9 +47,11 @@ def run_worker(settings: Settings) -> None:
                 copartitioned=topics.inputs,
             )
             ensure_topics(settings.bootstrap, [topics.journey_registry], 1, -1, config=REGISTRY_CONFIG)
-        accepted = check_and_record(
+        accepted, incarnation = check_and_record(
             settings.bootstrap, topics.journey_registry, journeys, settings.accept_edited_journeys
         )
+        cluster_id = cluster_identity(settings.bootstrap)
+        datadir.claim(settings.data_dir, cluster_id, incarnation, ephemeral_broker=cluster_id == TANSU_CLUSTER_ID)
         for e in accepted:
             log.warning("journey %s version %s runs edited content %s (was %s)", e.journey, e.version, e.now, e.was)
         for j in journeys.journeys.values():

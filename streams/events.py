@@ -39,6 +39,8 @@ REASONS = (
     "bad_message",
     "too_deep",
     "quarantine_overflow",
+    "key_mismatch",
+    "missing_key",
 )
 MIN_TS = 946_684_800_000  # 2000-01-01: anything earlier is a unit mistake (seconds, not ms)
 ENROLL_EVENT = "nudgeflow.enroll"  # custom event: {"props": {"journey": id}} enters a user

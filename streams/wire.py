@@ -11,12 +11,14 @@ call runner, `simulate` and the benchmarks cannot drift apart:
     nudgeflow.profile_changes  profile change    {"user_id", "ts", "attributes"}
     nudgeflow.ticks            tick (legacy)     {"user_id", "due"}: still read, no longer written
     nudgeflow.dead_letter      the original key and value; headers reason, detail, source_*
+                               (too large for the topic: a stub with sizes and hashes, header stub)
 
 Every message is keyed by user id (the co-partitioning key of the worker's inputs).
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -146,6 +148,20 @@ def decode_tick(value: bytes | None) -> tuple[str, int]:
         return str(doc["user_id"]), int(doc["due"])
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
         raise WireError("tick needs user_id and due") from None
+
+
+def dead_letter_stub(key: bytes | None, value: bytes, headers: Headers) -> tuple[bytes | None, bytes, Headers]:
+    """What goes to the dead-letter topic instead of a message too large for it: sizes and
+    SHA-256 of key and value; the source_* headers say where the original still is."""
+    doc = {
+        "stub": True,
+        "value_bytes": len(value),
+        "value_sha256": hashlib.sha256(value).hexdigest(),
+        "key_bytes": len(key or b""),
+        "key_sha256": hashlib.sha256(key or b"").hexdigest(),
+    }
+    short_key = key if key is not None and len(key) <= 256 else None
+    return short_key, orjson.dumps(doc), [*headers, ("stub", b"1")]
 
 
 def dead_letter_headers(reason: str, detail: str, topic: str, partition: int, offset: int) -> Headers:

@@ -29,9 +29,12 @@ class MemStore:
                     d[k] = v
 
 
-def msg(topic: str, offset: int, value: object, p: int = 0) -> Message:
+def msg(topic: str, offset: int, value: object, p: int = 0, key: bytes | None = None) -> Message:
+    """A message keyed by its user_id, as a site's producer would key it."""
     raw = value if isinstance(value, bytes) else orjson.dumps(value)
-    return Message(topic, p, offset, b"u1", raw, T0)
+    if key is None:
+        key = str(value["user_id"]).encode() if isinstance(value, dict) and "user_id" in value else b"u1"
+    return Message(topic, p, offset, key, raw, T0)
 
 
 def core() -> BatchCore:
@@ -170,3 +173,15 @@ def test_deeply_nested_input_is_dead_lettered_not_crashing_the_batch() -> None:
     assert out.invalid == [("add_to_cart", "too_deep")]
     assert [r.headers[0] for r in out.records if r.topic == "nudgeflow.dead_letter"] == [("reason", b"too_deep")]
     assert user_key("u2") in [k for k, _ in out.writes[0]]
+
+
+def test_a_key_that_is_not_the_user_id_is_dead_lettered_keyless_per_policy() -> None:
+    cart = {"user_id": "mm-1", "ts": T0, "props": {"product": "Hoodie"}}
+    out = core().run([msg("add_to_cart", 0, cart, key=b"session-1")], MemStore())
+    assert out.invalid == [("add_to_cart", "key_mismatch")] and out.writes == {}
+    keyless = Message("add_to_cart", 0, 1, None, orjson.dumps(cart), T0)
+    assert core().run([keyless], MemStore()).writes  # accepted by default
+    strict = BatchCore(
+        seeds("clevertap-cart-inaction.yaml"), Topics(), Decoder(), lambda: T0 / 1000, keyless="dead_letter"
+    )
+    assert strict.run([keyless], MemStore()).invalid == [("add_to_cart", "missing_key")]
