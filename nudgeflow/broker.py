@@ -70,6 +70,7 @@ class EmbeddedBroker:
             stdout=out,
             stderr=subprocess.STDOUT,
             preexec_fn=die_with_parent,
+            process_group=0,  # a terminal's Ctrl-C must not stop the broker before its clients
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

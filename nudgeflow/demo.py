@@ -114,7 +114,13 @@ def scrape(url: str) -> dict[str, float]:
     return out
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def run_demo(users: int, rate: float, duration: float, journeys: list[Path], metrics_port: int) -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM):  # both stop the demo in order (also when started in the background)
+        signal.signal(sig, _interrupt)
     work = Path(tempfile.mkdtemp(prefix="nudgeflow-demo-"))
     topics = Topics()
     procs: list[subprocess.Popen[bytes]] = []
@@ -137,8 +143,10 @@ def run_demo(users: int, rate: float, duration: float, journeys: list[Path], met
         worker_cmd = [*cli, "run", "--metrics-port", str(metrics_port), "--log-file", str(work / "worker.log")]
         for j in journeys:
             worker_cmd += ["--journeys", str(j)]
-        procs.append(subprocess.Popen(worker_cmd, env=env, preexec_fn=die_with_parent))
-        procs.append(subprocess.Popen([*cli, "send", "--channel", "push"], env=env, preexec_fn=die_with_parent))
+        # own process groups: a Ctrl-C reaches the demo alone, which stops its parts in order
+        procs.append(subprocess.Popen(worker_cmd, env=env, preexec_fn=die_with_parent, process_group=0))
+        sender_cmd = [*cli, "send", "--channel", "push"]
+        procs.append(subprocess.Popen(sender_cmd, env=env, preexec_fn=die_with_parent, process_group=0))
         url = f"http://127.0.0.1:{metrics_port}/metrics"
         print(f"demo: broker {broker.bootstrap} (pid {broker.proc.pid if broker.proc else '?'}), logs in {work}")
         print(f"demo: metrics at {url}  (Ctrl-C stops everything)", flush=True)
@@ -167,10 +175,9 @@ def run_demo(users: int, rate: float, duration: float, journeys: list[Path], met
             traffic.stop_flag.set()
             traffic.join(15)
             del traffic.producer  # its client threads would keep reconnecting to the stopped broker
-        for p in procs:
+        for p in reversed(procs):  # the sender, then the worker, then the broker: nobody loses its peer
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
-        for p in procs:
             try:
                 p.wait(15)
             except subprocess.TimeoutExpired:
