@@ -31,6 +31,15 @@ JourneyPaths = Annotated[
 ]
 
 
+def remote_settings(what: str, **overrides: Any) -> Settings:
+    """Settings of a command that talks to the workers' broker (never an embedded one)."""
+    s = settings(**overrides)
+    if s.broker == "embedded":
+        typer.echo(f"{what} needs --broker kafka://host:port (the worker's broker)", err=True)
+        raise typer.Exit(2)
+    return s
+
+
 def settings(**overrides: Any) -> Settings:
     """Environment first, then the flags that were given."""
     try:
@@ -84,7 +93,7 @@ def send(
     from nudgeflow.channels.sender import Sender, run_sender
     from nudgeflow.streams.topics import Topics
 
-    s = settings(broker=broker, topic_prefix=topic_prefix, data_dir=data_dir)
+    s = remote_settings("a sender", broker=broker, topic_prefix=topic_prefix, data_dir=data_dir)
     if channel not in CHANNELS:
         typer.echo(f"unknown channel '{channel}'; use one of {', '.join(CHANNELS)}", err=True)
         raise typer.Exit(2)
@@ -93,9 +102,6 @@ def send(
     except UnknownProvider as e:
         typer.echo(str(e), err=True)
         raise typer.Exit(2) from None
-    if s.broker == "embedded":
-        typer.echo("a sender needs --broker kafka://host:port (the worker's broker)", err=True)
-        raise typer.Exit(2)
     sender = Sender(
         s.bootstrap,
         channel,
@@ -120,10 +126,7 @@ def calls(
     from nudgeflow.channels.clients import run_until_signalled
     from nudgeflow.streams.topics import Topics
 
-    s = settings(broker=broker, topic_prefix=topic_prefix, data_dir=data_dir)
-    if s.broker == "embedded":
-        typer.echo("the call runner needs --broker kafka://host:port (the worker's broker)", err=True)
-        raise typer.Exit(2)
+    s = remote_settings("the call runner", broker=broker, topic_prefix=topic_prefix, data_dir=data_dir)
     runner = CallRunner(
         s.bootstrap, Topics(s.topic_prefix), group or f"{s.app_id}-calls", s.data_dir, int(s.session_timeout_s * 1000)
     )
@@ -142,10 +145,7 @@ def enroll(
     from nudgeflow.enroll import produce_enrollments
     from nudgeflow.streams.topics import CUSTOM_TOPIC, Topics
 
-    s = settings(broker=broker, topic_prefix=topic_prefix)
-    if s.broker == "embedded":
-        typer.echo("enroll needs --broker kafka://host:port (the worker's broker)", err=True)
-        raise typer.Exit(2)
+    s = remote_settings("enroll", broker=broker, topic_prefix=topic_prefix)
 
     def go() -> None:
         topic = Topics(s.topic_prefix).name(CUSTOM_TOPIC)
@@ -166,10 +166,7 @@ def release(
     from nudgeflow.enroll import produce_user_events, release_events
     from nudgeflow.streams.topics import CUSTOM_TOPIC, Topics
 
-    s = settings(broker=broker, topic_prefix=topic_prefix)
-    if s.broker == "embedded":
-        typer.echo("release needs --broker kafka://host:port (the worker's broker)", err=True)
-        raise typer.Exit(2)
+    s = remote_settings("release", broker=broker, topic_prefix=topic_prefix)
 
     def go() -> None:
         topic = Topics(s.topic_prefix).name(CUSTOM_TOPIC)

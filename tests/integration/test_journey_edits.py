@@ -34,14 +34,7 @@ steps:
   wait_b: {wait: 12s}
   sms_b: {send: sms, text: b}
 """
-EDIT_SAME_VERSION = """journey: edit
-name: edited without a bump
-version: 1
-entry: {event: go}
-steps:
-  wait_a: {wait: 3s}
-  push_a: {send: push, title: "a for {{ user.id }}"}
-"""
+EDIT_SAME_VERSION = EDIT_V1.split("  wait_b:")[0]  # wait_b and sms_b removed, still version 1
 OTHER = """journey: other
 name: answers at once
 entry: {event: ping}
