@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import NotRequired, Protocol, TypedDict, assert_never
+from typing import Any, NotRequired, Protocol, TypedDict, assert_never, cast
 
 import orjson
 
@@ -88,6 +88,41 @@ class UserRecord(TypedDict):
     state: UserState
     offsets: dict[str, int]
     quarantine: NotRequired[Quarantine]
+
+
+def upgrade_record(doc: Any) -> UserRecord:
+    """A stored record in the current shape. nudgeflow 0.1.0 stored short keys (`s`, `o`, `inst`,
+    `n`, `k`, `tid`, ...): they are renamed on read, and written back in the new shape."""
+    if "s" not in doc:
+        return cast(UserRecord, doc)
+    s = doc["s"]
+    instances = {
+        jid: {
+            "version": i["v"],
+            "digest": "",
+            "entry_no": i["n"],
+            "step": i["step"],
+            "since": i["since"],
+            "wake": i["wake"],
+            "moves": i["k"],
+            "entered": i["entered"],
+            "trigger": i["trigger"],
+            "trigger_event_id": i["tid"],
+            "vars": i["vars"],
+            "converted": i["converted"],
+            **({"call": i["call"]} if "call" in i else {}),
+        }
+        for jid, i in s["inst"].items()
+    }
+    state = {
+        "clock": s["clock"],
+        "instances": instances,
+        "attribution": {jid: {"entry_no": d["n"], "until": d["until"]} for jid, d in s["done"].items()},
+        "entries": {jid: {"count": e["n"], "times": e["ts"]} for jid, e in s["entries"].items()},
+        "profile": s["profile"],
+        "history": s["hist"],
+    }
+    return cast(UserRecord, {"state": state, "offsets": doc["o"]})
 
 
 MAX_PARKED = 1000  # inputs kept per quarantined user; later ones go to the dead-letter topic
@@ -181,7 +216,7 @@ class BatchCore:
         for p, users in wanted.items():
             ulist = sorted(users)
             for u, raw in zip(ulist, store.get_many(p, [user_key(u) for u in ulist]), strict=True):
-                cache[(p, u)] = orjson.loads(raw) if raw is not None else None
+                cache[(p, u)] = upgrade_record(orjson.loads(raw)) if raw is not None else None
         dirty: set[tuple[int, str]] = set()
         timer_ops: dict[int, dict[tuple[int, str], bool]] = {}
         now_ms = int(self.clock() * 1000)

@@ -285,6 +285,7 @@ class _Run:
         st["attribution"].pop(j.id, None)
         st["instances"][j.id] = {
             "version": j.version,
+            "digest": j.digest,
             "entry_no": n,
             "step": j.first,
             "since": t,
@@ -354,8 +355,8 @@ class _Run:
         if inst["step"] not in j.steps:  # whatever the version: an edit removed the step
             self.exit(j, "step_removed", t)
             return None
-        if inst["version"] != j.version:
-            inst["version"] = j.version
+        if inst["version"] != j.version or inst["digest"] != j.digest:
+            inst["version"], inst["digest"] = j.version, j.digest
         return j
 
     # --- timers ----------------------------------------------------------------------------

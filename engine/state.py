@@ -14,6 +14,7 @@ class Instance(TypedDict):
     """A user's current run through one journey."""
 
     version: int  # journey version the instance last ran under (edits: see core.journey_of)
+    digest: str  # content digest of that definition (graph.Journey.digest)
     entry_no: int  # the user's n-th entry into this journey (part of idempotency keys, split buckets)
     step: str  # current step id
     since: int  # when the current step began (epoch ms)

@@ -185,3 +185,28 @@ def test_a_key_that_is_not_the_user_id_is_dead_lettered_keyless_per_policy() -> 
         seeds("clevertap-cart-inaction.yaml"), Topics(), Decoder(), lambda: T0 / 1000, keyless="dead_letter"
     )
     assert strict.run([keyless], MemStore()).invalid == [("add_to_cart", "missing_key")]
+
+
+def test_records_stored_by_nudgeflow_0_1_are_read_in_the_new_shape() -> None:
+    from nudgeflow.agents.batch import upgrade_record
+
+    inst = {"v": 1, "n": 2, "step": "wait_30_minutes", "since": T0, "wake": T0 + 30 * M, "k": 0, "entered": T0}
+    inst |= {"trigger": {"product": "Hoodie"}, "tid": "e1", "vars": {}, "converted": False}
+    old = {
+        "s": {
+            "clock": T0,
+            "inst": {"clevertap-cart-inaction": inst},
+            "done": {"x": {"n": 1, "until": T0 + 1}},
+            "entries": {"clevertap-cart-inaction": {"n": 2, "ts": [T0 - 1, T0]}},
+            "profile": {"vip": True},
+            "hist": {"c1": [T0]},
+        },
+        "o": {"add_to_cart": 4},
+    }
+    store = MemStore()
+    store.apply({0: [(user_key("u1"), orjson.dumps(old))]})
+    out = core().run([msg("nudgeflow.ticks", 0, {"user_id": "u1", "due": T0 + 30 * M})], store)
+    (send,) = [orjson.loads(r.value) for r in out.records if r.topic == "nudgeflow.send.push"]
+    assert send["instance"] == 2 and send["trigger_event_id"] == "e1" and send["content"]["title"].endswith("Hoodie?")
+    new = upgrade_record(old)
+    assert new["offsets"] == {"add_to_cart": 4} and new["state"]["entries"]["clevertap-cart-inaction"]["count"] == 2
