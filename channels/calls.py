@@ -19,6 +19,7 @@ import httpx
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_exponential
 
 from nudgeflow.channels.consumer import BatchConsumer
+from nudgeflow.engine.errors import NudgeflowError
 from nudgeflow.engine.io import CallRequest, CallResult
 from nudgeflow.streams import wire
 from nudgeflow.streams.topics import Topics
@@ -26,7 +27,7 @@ from nudgeflow.streams.topics import Topics
 log = logging.getLogger("nudgeflow.calls")
 
 
-class Retryable(Exception):
+class Retryable(NudgeflowError):
     """A 5xx answer: worth another try."""
 
 

@@ -15,7 +15,7 @@ from nudgeflow.engine.errors import NudgeflowError
 from nudgeflow.engine.io import SendRequest
 
 
-class Unreachable(Exception):
+class Unreachable(NudgeflowError):
     """The user cannot be reached on this channel (no address, bounced, opted out)."""
 
 

@@ -70,10 +70,16 @@ def compile_journey(raw: Any, file: str, reg: CounterRegistry, segments: set[str
     """Raise CompileErrors with every problem found, or return the compiled journey."""
     if not isinstance(raw, Mapping):
         raise CompileErrors([CompileError((), "a journey file must be a mapping with journey, name, entry, steps")])
-    jf: s.JourneyFile = _validate(s.JourneyFile, raw, ())
+    try:
+        jf: s.JourneyFile = _validate(s.JourneyFile, raw, ())
+    except CompileErrors as top:
+        # the file's own fields are wrong: still report every problem of every step
+        raw_steps = raw.get("steps")
+        if isinstance(raw_steps, Mapping) and all(isinstance(v, Mapping) for v in raw_steps.values()):
+            _compile_steps(dict(raw_steps), top.errors, lambda spec, path: None, lambda spec, path: None, reg)
+        raise
     errors: list[CompileError] = []
     ids = list(jf.steps)
-    nodes: dict[str, g.Node] = {}
 
     def where(spec: Any, path: Path) -> Any:
         try:
@@ -137,34 +143,8 @@ def compile_journey(raw: Any, file: str, reg: CounterRegistry, segments: set[str
         )
     exits = tuple(rule(x.event, x.where, ("exit_when", i, "where")) for i, x in enumerate(jf.exit_when))
 
-    # steps
-    for i, sid in enumerate(ids):
-        path: Path = ("steps", sid)
-        raw_step = jf.steps[sid]
-        follow = ids[i + 1] if i + 1 < len(ids) else g.END
-        if sid == g.END:
-            errors.append(CompileError(path, "'end' is reserved; name the step otherwise"))
-            continue
-        kinds = [k for k in s.STEP_KINDS if k in raw_step]
-        if len(kinds) != 1:
-            what = "none" if not kinds else ", ".join(kinds)
-            errors.append(
-                CompileError(path, f"a step needs exactly one action ({', '.join(s.STEP_KINDS)}); found {what}")
-            )
-            continue
-        kind = kinds[0]
-        try:
-            step = _validate(s.STEP_KINDS[kind], raw_step, path)
-        except CompileErrors as m:
-            errors.extend(m.errors)
-            continue
-        try:
-            nodes[sid] = _Steps(sid, follow, path, where, cond, reg).node(step)
-        except CompileError as ce:
-            errors.append(ce)
-
-    if not errors:
-        errors.extend(_check_graph(nodes, ids))
+    nodes = _compile_steps(jf.steps, errors, where, cond, reg)
+    errors.extend(_check_graph(nodes, ids, complete=not errors))
     if errors:
         raise CompileErrors(errors)
     return g.Journey(
@@ -347,13 +327,46 @@ def _successors(n: g.Node) -> list[tuple[str, str]]:
             assert_never(n)
 
 
-def _check_graph(nodes: dict[str, g.Node], ids: list[str]) -> list[CompileError]:
+def _compile_steps(
+    raw_steps: Mapping[str, Any], errors: list[CompileError], where: Any, cond: Any, reg: CounterRegistry
+) -> dict[str, g.Node]:
+    """Every step that compiles, in file order; every problem of the others into `errors`."""
+    ids, nodes = list(raw_steps), dict[str, g.Node]()
+    for i, sid in enumerate(ids):
+        path: Path = ("steps", sid)
+        raw_step = raw_steps[sid]
+        follow = ids[i + 1] if i + 1 < len(ids) else g.END
+        if sid == g.END:
+            errors.append(CompileError(path, "'end' is reserved; name the step otherwise"))
+            continue
+        kinds = [k for k in s.STEP_KINDS if k in raw_step]
+        if len(kinds) != 1:
+            what = "none" if not kinds else ", ".join(kinds)
+            errors.append(
+                CompileError(path, f"a step needs exactly one action ({', '.join(s.STEP_KINDS)}); found {what}")
+            )
+            continue
+        try:
+            step = _validate(s.STEP_KINDS[kinds[0]], raw_step, path)
+        except CompileErrors as m:
+            errors.extend(m.errors)
+            continue
+        try:
+            nodes[sid] = _Steps(sid, follow, path, where, cond, reg).node(step)
+        except CompileError as ce:
+            errors.append(ce)
+    return nodes
+
+
+def _check_graph(nodes: dict[str, g.Node], ids: list[str], complete: bool = True) -> list[CompileError]:
+    """References of the compiled steps name steps of the file; and, when every step compiled
+    (`complete`), every step is reachable and every loop passes through a wait."""
     errors = []
     for sid, n in nodes.items():
         for fld, target in _successors(n):
-            if target != g.END and target not in nodes:
+            if target != g.END and target not in ids:
                 errors.append(CompileError(("steps", sid, fld), f"'{target}' is not a step of this journey"))
-    if errors:
+    if errors or not complete:
         return errors
     seen, todo = {ids[0]}, [ids[0]]
     while todo:

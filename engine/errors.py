@@ -7,14 +7,17 @@ class NudgeflowError(Exception):
     """Base class of every error nudgeflow raises on purpose."""
 
 
+class ConfigError(NudgeflowError):
+    """A setting cannot be used as given (a busy port, a directory that cannot be made): exit 2."""
+
+
 class JourneyFileError(NudgeflowError):
-    """A journey file is invalid. Carries the file, the line and the path inside the file."""
+    """A journey file is invalid: `file:line: path: problem` (the path inside the file, if any)."""
 
     def __init__(self, file: str, line: int | None, path: str, problem: str) -> None:
         self.file, self.line, self.path, self.problem = file, line, path, problem
         where = f"{file}:{line}" if line else file
-        at = f" at {path}" if path else ""
-        super().__init__(f"{where}:{at}: {problem}")
+        super().__init__(f"{where}: {path}: {problem}" if path else f"{where}: {problem}")
 
 
 class JourneyFileErrors(NudgeflowError):

@@ -19,7 +19,7 @@ import typer
 from pydantic import ValidationError
 
 from nudgeflow.channels.providers import PROVIDERS
-from nudgeflow.engine.errors import JourneyFileErrors, NudgeflowError
+from nudgeflow.engine.errors import ConfigError, JourneyFileErrors, NudgeflowError
 from nudgeflow.engine.schema import CHANNELS
 from nudgeflow.settings import Settings
 
@@ -271,6 +271,9 @@ def _guard(fn: Any) -> None:
         fn()
     except JourneyFileErrors as e:
         typer.echo(f"invalid journey files:\n{e}", err=True)
+        raise typer.Exit(2) from None
+    except ConfigError as e:
+        typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
     except NudgeflowError as e:
         typer.echo(f"error: {e}", err=True)

@@ -13,6 +13,7 @@ from nudgeflow.agents import datadir, metrics
 from nudgeflow.agents.app import build_app
 from nudgeflow.agents.registry import REGISTRY_CONFIG, check_and_record
 from nudgeflow.broker import TANSU_CLUSTER_ID, EmbeddedBroker, cluster_identity, ensure_topics
+from nudgeflow.engine.errors import ConfigError
 from nudgeflow.engine.loader import load_journeys
 from nudgeflow.settings import Settings
 from nudgeflow.streams.topics import Topics
@@ -25,7 +26,12 @@ def all_topics(topics: Topics) -> list[str]:
 
 
 def start_metrics(host: str, port: int) -> int:
-    server, _thread = start_http_server(port, addr=host)
+    try:
+        server, _thread = start_http_server(port, addr=host)
+    except OSError as e:
+        raise ConfigError(
+            f"cannot serve metrics on {host}:{port} ({e.strerror}): set NUDGEFLOW_METRICS_PORT (0 picks a free port)"
+        ) from None
     bound: int = server.server_address[1]
     return bound
 
@@ -51,7 +57,11 @@ def run_worker(settings: Settings) -> None:
             settings.bootstrap, topics.journey_registry, journeys, settings.accept_edited_journeys
         )
         cluster_id = cluster_identity(settings.bootstrap)
-        datadir.claim(settings.data_dir, cluster_id, incarnation, ephemeral_broker=cluster_id == TANSU_CLUSTER_ID)
+        try:
+            datadir.claim(settings.data_dir, cluster_id, incarnation, ephemeral_broker=cluster_id == TANSU_CLUSTER_ID)
+        except OSError as err:
+            where = settings.data_dir
+            raise ConfigError(f"cannot use the data dir {where} ({err.strerror}): set NUDGEFLOW_DATA_DIR") from None
         for e in accepted:
             log.warning("journey %s version %s runs edited content %s (was %s)", e.journey, e.version, e.now, e.was)
         for j in journeys.journeys.values():

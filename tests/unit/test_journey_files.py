@@ -92,7 +92,7 @@ def test_errors_name_the_file(tmp_path) -> None:  # type: ignore[no-untyped-def]
     f.write_text(GOOD.replace("30m", "soon"))
     with pytest.raises(JourneyFileErrors) as ei:
         load_journeys([f])
-    assert str(ei.value).startswith(f"{f}:7: at steps.wait_a_bit.wait:")
+    assert str(ei.value).startswith(f"{f}:7: steps.wait_a_bit.wait: ")
 
 
 def test_every_shipped_journey_loads_and_schema_exports() -> None:
@@ -122,3 +122,18 @@ def test_schema_validates_the_shipped_journeys() -> None:
         doc = yaml.load(f.read_text(), Loader=AsEditorsSeeIt)
         if "journey" in doc:
             jsonschema.validate(doc, schema)
+
+
+def test_every_error_is_reported_at_once_each_as_file_line_path_message() -> None:
+    # a bad entry field used to hide an unknown field in steps
+    bad_entry = GOOD.replace("  event: add_to_cart", "  event: add_to_cart\n  wen: now").replace(
+        "    title: hi", "    title: hi\n    colour: red"
+    )
+    found = {(path, problem.split(" '")[0]) for _, path, problem in errors(bad_entry)}
+    assert found == {("entry.wen", "unknown field"), ("steps.push.colour", "unknown field")}
+    # a bad duration used to hide an unknown next
+    bad_both = GOOD.replace("30m", "soon").replace("    title: hi", "    title: hi\n    next: nowhere")
+    assert sorted(path for _, path, _ in errors(bad_both)) == ["steps.push.next", "steps.wait_a_bit.wait"]
+    with pytest.raises(JourneyFileErrors) as ei:
+        load_texts({"j.yaml": "- a list\n"})
+    assert "::" not in str(ei.value) and str(ei.value).startswith("j.yaml")
