@@ -113,12 +113,9 @@ class Runtime:
 
     async def _apply(self, ready: Sequence[Pending], out: BatchOutput, n: int, t0: float) -> None:
         self.core.apply([p.item for p in ready], self.store, out)
-        self._produce(out)
-        await self.output.flush()
-        if self.end_marker and out.writes:
-            for p in out.writes:  # a batch of its own (see Settings.changelog_end_marker)
-                self.output.produce(self.changelog, b"1", key=END_MARKER, partition=p)
-            await self.output.flush()
+        await self.output.deliver(lambda: self._produce(out), self._delivery_failed)
+        if self.end_marker and out.writes:  # a batch of its own (see Settings.changelog_end_marker)
+            await self.output.deliver(lambda: self._produce_end_markers(out), self._delivery_failed)
         self.store.write(out.writes)
         for pending in ready:
             if pending.event is not None and pending.item.msg.topic in self.aligner.event_topics:
@@ -135,6 +132,14 @@ class Runtime:
                 self.output.produce(self.changelog, value, key=key, partition=p)
         for r in out.records:
             self.output.produce(r.topic, r.value, key=r.key, headers=r.headers, partition=r.partition)
+
+    def _produce_end_markers(self, out: BatchOutput) -> None:
+        for p in out.writes:
+            self.output.produce(self.changelog, b"1", key=END_MARKER, partition=p)
+
+    def _delivery_failed(self, e: Exception, retry_in: float) -> None:
+        metrics.DELIVERY_FAILURES.inc()
+        log.error("a batch's records could not be written (%s): inputs held, retrying in %.1fs", e, retry_in)
 
     def _account(self, out: BatchOutput, n: int, t0: float) -> None:
         now = time.time()

@@ -57,6 +57,10 @@ RELEASED = Counter("nudgeflow_users_released_total", "Quarantined users released
 PARKED = Counter(
     "nudgeflow_quarantine_parked_inputs_total", "Inputs of quarantined users kept to apply on release", ["outcome"]
 )
+DELIVERY_FAILURES = Counter(
+    "nudgeflow_delivery_failures_total",
+    "Batches whose records (changelog, sends, dead letters) could not be written: held and retried",
+)
 RESTORE_SECONDS = Gauge("nudgeflow_restore_seconds", "Duration of the last state restore after a rebalance")
 
 

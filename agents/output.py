@@ -8,6 +8,7 @@ order, which the changelog relies on (a timer record precedes the state that nee
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Producer
@@ -68,3 +69,26 @@ class Output:
     async def flush(self, timeout: float = 30.0) -> None:
         """Wait for every produced record without blocking the event loop."""
         await asyncio.get_running_loop().run_in_executor(None, self.flush_sync, timeout)
+
+    async def deliver(
+        self,
+        produce: Callable[[], None],
+        on_failure: Callable[[DeliveryError, float], None],
+        first_delay: float = 0.5,
+        max_delay: float = 30.0,
+    ) -> int:
+        """Produce a batch's records (`produce`) and wait for all of them; when any fails, produce
+        the whole batch again after a backoff, until it is delivered. Nothing of the batch is
+        acknowledged meanwhile, so its inputs are held, not lost; re-sent records are harmless
+        (changelog records by key, send requests by idempotency key). Returns the attempts."""
+        delay, attempts = first_delay, 0
+        while True:
+            attempts += 1
+            try:
+                produce()
+                await self.flush()
+                return attempts
+            except DeliveryError as e:
+                on_failure(e, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, max_delay)
