@@ -47,6 +47,14 @@ class Pending:
     event: Any | None
 
 
+def _headers(raw: Any) -> list[tuple[str, bytes]] | None:
+    """Faust gives a message's headers as a list of pairs or a mapping."""
+    if not raw:
+        return None
+    pairs = raw.items() if hasattr(raw, "items") else raw
+    return [(str(k), v if isinstance(v, bytes) else str(v).encode()) for k, v in pairs]
+
+
 class Runtime:
     """Everything the agent and the scanner share inside one worker process."""
 
@@ -84,6 +92,7 @@ class Runtime:
                 e.message.key,
                 e.message.value,
                 int(e.message.timestamp * 1000) if e.message.timestamp else None,
+                _headers(e.message.headers),
             )
             for e in events
         ]

@@ -49,6 +49,7 @@ class Message:
     key: bytes | None
     value: bytes | None
     timestamp: int | None  # Kafka message timestamp, ms
+    headers: Sequence[tuple[str, bytes]] | None = None  # the producer's headers, kept in dead letters
 
 
 @dataclass(frozen=True, slots=True)
@@ -383,6 +384,7 @@ class BatchCore:
         coordinates to fetch the original) when it would not fit in a dead-letter message."""
         out.invalid.append((m.topic, bad.reason))
         headers = wire.dead_letter_headers(bad.reason, bad.detail, m.topic, m.partition, m.offset)
+        headers += [(f"original.{k}", v) for k, v in m.headers or ()]
         key, value = m.key, m.value or b""
         if len(value) + len(key or b"") > self.dead_letter_max_bytes:
             key, value, headers = wire.dead_letter_stub(key, value, headers)

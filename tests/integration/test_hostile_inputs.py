@@ -32,7 +32,7 @@ def test_oversized_deep_and_mis_keyed_inputs_are_dead_lettered_and_the_rest_appl
     try:
         for size in (900_000, 5_000_000):
             doc = {"user_id": f"big-{size}", "ts": now, "props": {"blob": "x" * size}}
-            big.produce(topic, key=f"big-{size}".encode(), value=orjson.dumps(doc))
+            big.produce(topic, key=f"big-{size}".encode(), value=orjson.dumps(doc), headers=[("trace", b"t-1")])
         assert big.flush(30) == 0
         deep = b'{"user_id": "deep", "ts": %d, "props": ' % now + b'{"a": ' * 300 + b"1" + b"}" * 301
         client.produce("add_to_cart", "deep", deep)
@@ -48,6 +48,7 @@ def test_oversized_deep_and_mis_keyed_inputs_are_dead_lettered_and_the_rest_appl
         reasons = sorted(dict(m.headers())["reason"].decode() for m in dead)
         assert reasons == ["key_mismatch"] * 20 + ["too_deep"] + ["too_large"] * 2
         stubs = [orjson.loads(m.value()) for m in dead if dict(m.headers()).get("stub") == b"1"]
+        assert all(dict(m.headers())["original.trace"] == b"t-1" for m in dead if m.key().startswith(b"big-"))
         assert sorted(s["value_bytes"] for s in stubs) == sorted(
             len(orjson.dumps({"user_id": f"big-{n}", "ts": now, "props": {"blob": "x" * n}}))
             for n in (900_000, 5_000_000)
