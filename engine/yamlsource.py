@@ -25,7 +25,11 @@ def load_with_lines(text: str, file: str) -> tuple[Any, dict[Path, int]]:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as e:
         line = e.problem_mark.line + 1 if e.problem_mark else None
-        raise JourneyFileError(file, line, "", f"not valid YAML: {e.problem}") from None
+        problem = f"not valid YAML: {e.problem}"
+        if e.context and e.context_mark and e.context_mark.line + 1 != line:
+            # the parser notices some mistakes only lines later: say where the construct began
+            problem += f" ({e.context} that starts on line {e.context_mark.line + 1})"
+        raise JourneyFileError(file, line, "", problem) from None
     lines: dict[Path, int] = {}
     if node is None:
         return None, lines

@@ -84,7 +84,10 @@ def test_step_with_two_actions_and_bad_channel() -> None:
 
 def test_yaml_syntax_error_has_a_line() -> None:
     [(line, _, problem)] = errors("journey: j\nname: [unclosed\n")
-    assert line == 3 and "not valid YAML" in problem
+    assert line == 3 and "not valid YAML" in problem and "flow sequence that starts on line 2" in problem
+    bad_indent = "journey: j\nname: n\nentry:\n  event: go\nsteps:\n  a:\n    wait: 1h\n   b:\n    send: push\n"
+    [(line, _, problem)] = errors(bad_indent)
+    assert line == 8 and "block mapping that starts on line 6" in problem
 
 
 def test_errors_name_the_file(tmp_path) -> None:  # type: ignore[no-untyped-def]
