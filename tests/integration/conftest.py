@@ -38,6 +38,10 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedBroker]
     b.stop()
 
 
+class PortTaken(Exception):
+    """The worker's metrics port was bound by someone else between choosing and using it."""
+
+
 @dataclass
 class Worker:
     """A `nudgeflow run` child process and what it needs to be observed."""
@@ -73,6 +77,16 @@ class Worker:
         }
 
     def start(self, timeout: float = 60) -> Worker:
+        for _ in range(5):
+            try:
+                return self._start(timeout)
+            except PortTaken:  # free_port() is a guess: another process may bind it first
+                self.metrics_port = free_port()
+        raise RuntimeError("no free metrics port after 5 tries")
+
+    def _start(self, timeout: float) -> Worker:
+        err_path = self.log.with_suffix(".err")
+        err_before = err_path.stat().st_size if err_path.exists() else 0
         self.proc = subprocess.Popen(
             [sys.executable, "-m", self.module, "run"],
             env=self.env(),
@@ -83,7 +97,10 @@ class Worker:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:  # ready = partitions assigned and timers indexed
             if self.proc.poll() is not None:
-                raise RuntimeError(f"worker exited {self.proc.returncode}: {self.log.with_suffix('.err').read_text()}")
+                err = err_path.read_bytes()[err_before:].decode(errors="replace")
+                if self.proc.returncode == 2 and "cannot serve metrics" in err:
+                    raise PortTaken(err)
+                raise RuntimeError(f"worker exited {self.proc.returncode}: {err}")
             if any(n == "nudgeflow_pending_timers" for n, _, _ in self.samples()):
                 return self
             time.sleep(0.3)
