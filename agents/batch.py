@@ -329,8 +329,8 @@ class BatchCore:
         user again: the rest stay parked)."""
         parked = rec.pop("quarantine")["parked"]
         out.released += 1
+        key = user.encode()
         for i, pi in enumerate(parked):
-            key = user.encode()
             msg = Message(pi["topic"], pi["partition"], -1, key, pi["value"].encode(), pi["kafka_ts"])
             inp, at = self._decode(msg, now_ms, out)
             if inp is None or isinstance(inp, Release):

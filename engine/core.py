@@ -279,9 +279,9 @@ class _Run:
         st = self.st
         if j.id in st["instances"]:
             self.exit(j, "restarted", t)
-        n = st["entries"].get(j.id, {"count": 0, "times": []})["count"] + 1
-        times = st["entries"].get(j.id, {"count": 0, "times": []})["times"]
-        st["entries"][j.id] = {"count": n, "times": [*times, t][-max(j.entry.cap_max or 1, 1) :]}
+        hist = st["entries"].get(j.id, {"count": 0, "times": []})
+        n = hist["count"] + 1
+        st["entries"][j.id] = {"count": n, "times": [*hist["times"], t][-max(j.entry.cap_max or 1, 1) :]}
         st["attribution"].pop(j.id, None)
         st["instances"][j.id] = {
             "version": j.version,
