@@ -1,81 +1,191 @@
-"""Event-time alignment of the co-partitioned input topics, per partition.
+"""Event-time order across the co-partitioned input topics, per partition, and the timer gate.
 
 Kafka keeps order within a topic-partition, not across topics: a consumer catching up can read
-add_to_cart up to 10:05 while charged is still at 10:01. Applied in that order, a purchase
-would land after a later add-to-cart and a push would go out to someone who bought. The aligner
-releases, per partition, the input with the smallest event time, but only while every other
-input topic of that partition either has a buffered input or has nothing left to read (its read
-position is at its high watermark). That yields event-time order per user whatever the fetch
-order, and costs nothing once caught up (every topic is then at its high watermark).
+add_to_cart up to 10:05 while charged is still at 10:01. Applied in that order, a purchase would
+land after a later add-to-cart and a push would go out to someone who bought. So the aligner
+holds each partition's inputs and releases the one with the smallest event time once no other
+input topic of that partition can still deliver an earlier one, which is when that topic
 
-Inputs from the ticks and feedback topics are not event time and pass straight through. A
-bounded number of held inputs per partition (`max_held`) keeps a stalled topic from holding
-everything: past it, inputs are released in time order anyway (counted as forced).
+- has an input buffered (its head is not earlier, or it would be the smallest), or
+- has already delivered an input at least as late (each topic-partition is in time order), or
+- is *quiet*: read up to its end (the fetch high watermark) and nothing new for `idle_ms`.
+
+The same knowledge gates timers: a timer of partition p may fire once every input topic of p is
+past its due time or quiet (`gate`). Catching up after downtime, a push therefore waits until the
+purchase made meanwhile is read; live, inputs are quiet or at the present and timers follow the
+wall clock; with event times far behind the wall clock (a replay, the benchmark's synthetic
+input), timers follow the input's event time exactly. README "How it stays correct" states the
+rule. Both are exact when each input partition is in event-time order.
+
+Memory stays bounded without giving up the order: once a partition holds more than `max_held`
+inputs, the topics it holds inputs of are paused (`to_pause`; the reader stops fetching them),
+and resumed once it holds less than half as many, so the lagging topic catches up first.
+Inputs of other topics (feedback, call results) are not event time and pass straight through.
 """
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from typing import Any, Generic, TypeVar
+from dataclasses import dataclass
 
-H = TypeVar("H")
+from nudgeflow.agents.batch import Item
+
+NEVER = float("-inf")
 
 
-class Aligner(Generic[H]):
-    def __init__(self, event_topics: Iterable[str], max_held: int = 50_000) -> None:
-        self.event_topics = tuple(event_topics)
-        self.max_held = max_held
-        self.bufs: dict[int, dict[str, deque[tuple[int, int, H]]]] = {}
-        self.read_upto: dict[tuple[str, int], int] = {}  # next offset after the last one added
+@dataclass(slots=True)
+class Progress:
+    """How far one input topic-partition has been read."""
+
+    read_upto: int = -1  # next offset after the last message read; -1: none read since assignment
+    at_end: bool = False  # the last fetch reported nothing beyond read_upto (partition EOF)
+    last_read: float = 0.0  # monotonic time of the last message (or of the assignment)
+    newest: float = NEVER  # the latest event time read
+
+
+class Aligner:
+    def __init__(
+        self,
+        event_topics: Iterable[str],
+        idle_ms: int = 500,
+        max_held: int = 20_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.event_topics = tuple(event_topics)  # in this order for equal event times
+        self._event_topic_set = frozenset(self.event_topics)
+        self.idle_s, self.max_held, self.clock = idle_ms / 1000, max_held, clock
+        self.bufs: dict[int, dict[str, deque[Item]]] = {}
+        self.progress: dict[tuple[str, int], Progress] = {}
         self.held = 0
-        self.forced = 0
-        self._seq = 0
+        self.held_in: dict[int, int] = {}  # partition -> inputs held
+        self.paused: set[tuple[str, int]] = set()  # topic-partitions the reader was asked to pause
 
-    def add(self, topic: str, partition: int, offset: int, at: int, item: H) -> list[H]:
-        """Buffer an input; inputs of non-event topics come straight back (released)."""
-        if topic not in self.event_topics:
-            return [item]
-        bufs = self.bufs.setdefault(partition, {t: deque() for t in self.event_topics})
-        self._seq += 1
-        bufs[topic].append((at, self._seq, item))
-        self.held += 1
-        return []
+    def track(self, partitions: Iterable[int], topics: Iterable[str]) -> None:
+        """Start following these topic-partitions (just assigned): nothing read yet."""
+        now = self.clock()
+        topics = list(topics)
+        for p in partitions:
+            self.bufs[p] = {t: deque() for t in self.event_topics}
+            self.held_in[p] = 0
+            for t in topics:
+                self.progress[(t, p)] = Progress(last_read=now)
 
-    def note_read(self, topic: str, partition: int, offset: int) -> None:
+    def reset(self) -> None:
+        """Forget everything (a rebalance): held inputs are read again from their positions."""
+        self.bufs.clear()
+        self.progress.clear()
+        self.held_in.clear()
+        self.paused.clear()
+        self.held = 0
+
+    def note_read(self, topic: str, partition: int, offset: int, now: float) -> None:
         """A message was read (buffered, dropped or dead-lettered alike): the read position moves."""
-        self.read_upto[(topic, partition)] = max(self.read_upto.get((topic, partition), 0), offset + 1)
+        pr = self.progress.get((topic, partition))
+        if pr is not None:
+            pr.read_upto, pr.at_end, pr.last_read = offset + 1, False, now
 
-    def release(self, lagging: Callable[[str, int], bool]) -> list[H]:
-        """Everything that can go now, in event-time order per partition.
+    def note_end(self, topic: str, partition: int, offset: int) -> None:
+        """The fetch reached the partition's end (EOF at `offset`)."""
+        pr = self.progress.get((topic, partition))
+        if pr is not None and offset >= pr.read_upto:
+            pr.at_end = True
+            pr.read_upto = max(pr.read_upto, offset)
 
-        `lagging(topic, partition)` says whether the topic-partition has offsets left to read."""
-        out: list[H] = []
+    def add(self, item: Item) -> bool:
+        """Hold an input of an event topic (True); inputs of other topics are not held (False)."""
+        bufs = self.bufs.get(item.partition)
+        if bufs is None or item.topic not in self._event_topic_set:
+            return False
+        bufs[item.topic].append(item)
+        pr = self.progress.get((item.topic, item.partition))
+        if pr is not None and item.at > pr.newest:
+            pr.newest = item.at
+        self.held += 1
+        self.held_in[item.partition] += 1
+        return True
+
+    def _open_bound(self, topic: str, p: int, now: float) -> float:
+        """For a topic of partition p with nothing buffered: no input earlier than this can still
+        arrive from it (+inf when it is quiet)."""
+        pr = self.progress.get((topic, p))
+        if pr is None:
+            return float("inf")
+        if pr.at_end and now - pr.last_read >= self.idle_s:
+            return float("inf")
+        return pr.newest
+
+    def release(self) -> list[Item]:
+        """Everything that can go now, in event-time order per partition."""
+        out: list[Item] = []
+        now = self.clock()
         for p, bufs in self.bufs.items():
-            n_held = sum(len(q) for q in bufs.values())
-            while n_held:
-                _, _, topic = min((q[0][0], q[0][1], t) for t, q in bufs.items() if q)
-                blocked = any(not bufs[t] and lagging(t, p) for t in self.event_topics if t != topic)
-                if blocked:
-                    if n_held <= self.max_held:
-                        break
-                    self.forced += 1
-                out.append(bufs[topic].popleft()[2])
-                n_held -= 1
-                self.held -= 1
+            full = [q for q in bufs.values() if q]
+            if not full:
+                continue
+            limit = float("inf")
+            for t, q in bufs.items():
+                if not q:
+                    limit = min(limit, self._open_bound(t, p, now))
+            released = 0
+            while full:
+                q = full[0] if len(full) == 1 else min(full, key=_head_at)
+                head = q[0]
+                if head.at > limit:
+                    break
+                out.append(q.popleft())
+                released += 1
+                if not q:
+                    full.remove(q)
+                    limit = min(limit, self._open_bound(head.topic, p, now))
+            self.held -= released
+            self.held_in[p] -= released
         return out
+
+    def flow(self) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+        """(topic-partitions to pause, to resume): a partition holding more than `max_held` inputs
+        pauses the topics it holds inputs of until it is down to half as many."""
+        pause, resume = [], []
+        for p, n in self.held_in.items():
+            if n > self.max_held:
+                for t, q in self.bufs[p].items():
+                    if q and (t, p) not in self.paused:
+                        pause.append((t, p))
+            elif n <= self.max_held // 2:
+                resume += [tp for tp in self.paused if tp[1] == p]
+        self.paused.update(pause)
+        self.paused.difference_update(resume)
+        return pause, resume
+
+    def gate(self, p: int) -> float:
+        """The latest due time that may fire on partition p: every input earlier than it has been
+        applied, and none can still arrive (see the module docstring)."""
+        bufs = self.bufs.get(p)
+        if bufs is None:
+            return NEVER
+        now = self.clock()
+        gate = float("inf")
+        for t, q in bufs.items():
+            bound = q[0].at if q else self._open_bound(t, p, now)
+            if bound < gate:
+                gate = bound
+        return gate
 
     def holding(self, topic: str, partition: int) -> bool:
         bufs = self.bufs.get(partition)
         return bool(bufs and bufs.get(topic))
 
-    def drop(self, partitions: Iterable[int]) -> list[Any]:
-        """Forget held inputs of revoked partitions (the new owner reads them again)."""
-        dropped: list[Any] = []
-        for p in partitions:
-            for q in self.bufs.pop(p, {}).values():
-                dropped.extend(item for _, _, item in q)
-            for key in [k for k in self.read_upto if k[1] == p]:
-                del self.read_upto[key]
-        self.held -= len(dropped)
-        return dropped
+    def position(self, topic: str, partition: int) -> int | None:
+        """Where this topic-partition resumes after everything released so far is durable: the
+        first held input, or past the last message read; None when nothing was read."""
+        bufs = self.bufs.get(partition)
+        q = bufs.get(topic) if bufs else None
+        if q:
+            return q[0].offset
+        pr = self.progress.get((topic, partition))
+        return pr.read_upto if pr is not None and pr.read_upto >= 0 else None
+
+
+def _head_at(q: deque[Item]) -> int:
+    return q[0].at

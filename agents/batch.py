@@ -1,17 +1,32 @@
 """One batch of input messages -> state writes, changelog records and output records.
 
-Faust-free on purpose: the journey agent feeds it Faust events, the benchmark feeds it raw
-confluent-kafka messages, the tests feed it lists. Per batch, each user's state is read once
-(multi-get), every input is applied through the engine in order, and each touched user is
-written once. A per-user record of the last input offset per topic makes replays (after a crash
-between producing and committing) no-ops: no duplicate sends, no double counting.
+Faust-free and Kafka-free on purpose: the pipeline feeds it confluent-kafka messages, the tests
+and benchmarks feed it `Raw` messages (anything with confluent-kafka's message accessors).
+
+The hot path, per batch: decode every message (invalid ones become dead-letter records at once;
+events no journey or history uses are dropped before any state is read), then apply the inputs in
+order to each user's record *in place*. Records live in a bounded cache across batches (a user
+active now is usually active again soon), so a warm user costs neither a RocksDB read nor a JSON
+parse; a cold one is read once per batch (multi-get) from the store. The engine reports to a
+`BatchSink`, which tallies analytics counts per batch (the metrics are updated once per batch,
+not per event), encodes send requests as they are made and keeps the timer-index operations.
+At the end each touched record is serialised once.
+
+In-place is safe because a batch is all or nothing: nothing of it is produced before the whole
+batch is computed. If the engine raises for some user, the cached records the batch touched are
+dropped and the batch is computed again in *safe mode*, where every input is applied to a copy:
+the user whose input raised is quarantined with the state it had before that input, everyone
+else goes on.
+
+A per-user record of the last input offset per topic makes replays (after a crash between
+producing and recording the input positions) no-ops: no duplicate sends, no double counting.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, NotRequired, Protocol, TypedDict, assert_never, cast
 
 import orjson
@@ -23,7 +38,7 @@ from nudgeflow.engine.io import (
     CallRequest,
     CallResult,
     Count,
-    Effect,
+    CountKind,
     Enroll,
     Event,
     Feedback,
@@ -35,30 +50,82 @@ from nudgeflow.engine.io import (
     TimerCleared,
     TimerSet,
 )
-from nudgeflow.engine.state import UserState
+from nudgeflow.engine.state import UserState, clone, next_wake
 from nudgeflow.streams import wire
 from nudgeflow.streams.events import Decoder, Invalid, Release
 from nudgeflow.streams.topics import Topics
 
+NO_TIMESTAMP = 0  # confluent-kafka's TIMESTAMP_NOT_AVAILABLE
 
-@dataclass(frozen=True, slots=True)
-class Message:
+
+class Message(Protocol):
+    """The accessors of a confluent_kafka.Message, which the pipeline passes as they come."""
+
+    def topic(self) -> str | None: ...
+
+    def partition(self) -> int | None: ...
+
+    def offset(self) -> int | None: ...
+
+    def key(self) -> bytes | None: ...
+
+    def value(self) -> bytes | None: ...
+
+    def timestamp(self) -> tuple[int, int]: ...
+
+    def headers(self) -> list[tuple[str, bytes]] | None: ...
+
+
+@dataclass(slots=True)
+class Raw:
+    """A message held in memory (tests, benchmarks, parked inputs) with confluent-kafka's accessors."""
+
+    topic_: str
+    partition_: int
+    offset_: int
+    key_: bytes | None
+    value_: bytes | None
+    timestamp_: int | None = None  # Kafka message timestamp, ms
+    headers_: list[tuple[str, bytes]] | None = None
+
+    def topic(self) -> str:
+        return self.topic_
+
+    def partition(self) -> int:
+        return self.partition_
+
+    def offset(self) -> int:
+        return self.offset_
+
+    def key(self) -> bytes | None:
+        return self.key_
+
+    def value(self) -> bytes | None:
+        return self.value_
+
+    def timestamp(self) -> tuple[int, int]:
+        return (1, self.timestamp_) if self.timestamp_ is not None else (NO_TIMESTAMP, -1)
+
+    def headers(self) -> list[tuple[str, bytes]] | None:
+        return self.headers_
+
+
+def kafka_ts(m: Message) -> int | None:
+    kind, ts = m.timestamp()
+    return ts if kind != NO_TIMESTAMP and ts > 0 else None
+
+
+@dataclass(slots=True)
+class Item:
+    """A decoded input, where it came from, and the time it applies at. Timer ticks fired by the
+    scanner have no message and offset -1."""
+
     topic: str
     partition: int
     offset: int
-    key: bytes | None
-    value: bytes | None
-    timestamp: int | None  # Kafka message timestamp, ms
-    headers: Sequence[tuple[str, bytes]] | None = None  # the producer's headers, kept in dead letters
-
-
-@dataclass(frozen=True, slots=True)
-class Item:
-    """A decoded input and the time it applies at."""
-
-    msg: Message
     input: Input | Release
     at: int
+    msg: Message | None = None
 
 
 class ParkedInput(TypedDict):
@@ -126,11 +193,20 @@ def upgrade_record(doc: Any) -> UserRecord:
     return cast(UserRecord, {"state": state, "offsets": doc["o"]})
 
 
+def record_wake(raw: bytes | None) -> int | None:
+    """The next wake-up of a stored record (for rebuilding the timer index on restore)."""
+    if raw is None:
+        return None
+    return next_wake(upgrade_record(orjson.loads(raw))["state"])
+
+
 MAX_PARKED = 1000  # inputs kept per quarantined user; later ones go to the dead-letter topic
 
 
 @dataclass(slots=True)
 class Record:
+    """A message to produce: to an output topic (sends, calls, dead letters, ...)."""
+
     topic: str
     key: bytes | None
     value: bytes
@@ -138,15 +214,20 @@ class Record:
     partition: int | None = None
 
 
+Write = tuple[bytes, bytes | None]  # (key, value); None deletes
+CountKey = tuple[CountKind, str, str]  # (kind, journey, detail): see engine.io.Count
+
+
 @dataclass
 class BatchOutput:
-    """What a batch produced. `writes[p]` is the ordered list of table writes of partition p
-    (timer puts, then states, then timer deletes); it is both the RocksDB WriteBatch and the
-    changelog records, in that order."""
+    """What a batch produced. `writes[p]` go to partition p's RocksDB *and* its changelog (user
+    records, input positions); `local[p]` go to RocksDB only (the timer index, which a restore
+    rebuilds from the records)."""
 
-    writes: dict[int, list[tuple[bytes, bytes | None]]] = field(default_factory=dict)
+    writes: dict[int, list[Write]] = field(default_factory=dict)
+    local: dict[int, list[Write]] = field(default_factory=dict)
     records: list[Record] = field(default_factory=list)
-    counts: list[Count] = field(default_factory=list)
+    counts: dict[CountKey, int] = field(default_factory=dict)
     invalid: list[tuple[str, str]] = field(default_factory=list)  # (topic, reason)
     consumed: dict[str, int] = field(default_factory=dict)  # topic -> messages
     timers_set: dict[int, int] = field(default_factory=dict)  # partition -> +n
@@ -156,15 +237,74 @@ class BatchOutput:
     ticks: list[tuple[int, int, bool]] = field(default_factory=list)  # (partition, due, stale) processed
     duplicates: int = 0
     sends: dict[str, int] = field(default_factory=dict)  # channel -> n
-    max_ts: dict[tuple[str, int], int] = field(default_factory=dict)  # (topic, p) -> newest applied time
     quarantined: list[tuple[str, str]] = field(default_factory=list)  # (user, error type) set aside now
     released: int = 0
     parked: int = 0
     parked_overflow: int = 0
+    dirty: set[tuple[int, str]] = field(default_factory=set)  # (partition, user) records written
+    serialized: dict[tuple[int, str], bytes] = field(default_factory=dict)  # their stored bytes
+    positions: dict[tuple[str, int], int] = field(default_factory=dict)  # (topic, p) -> where input resumes
 
 
 class StateReader(Protocol):
     def get_many(self, partition: int, keys: list[bytes]) -> list[bytes | None]: ...
+
+
+class BatchSink:
+    """The engine's Sink while a batch is applied: counts tallied, messages encoded as made, timer
+    index operations kept per partition (a set and a clear of the same due in one batch cancel)."""
+
+    __slots__ = ("cancels", "counts", "out", "partition", "timer_ops", "topics")
+
+    def __init__(self, topics: Topics, out: BatchOutput) -> None:
+        self.topics, self.out = topics, out
+        self.counts = out.counts
+        self.timer_ops: dict[int, dict[bytes, bytes | None]] = {}  # partition -> index key -> b"1" or delete
+        self.partition = 0
+        self.cancels = False  # whether a cleared timer counts as cancelled (an event, not a tick)
+
+    def count(self, kind: CountKind, journey: str, detail: str) -> None:
+        key = (kind, journey, detail)
+        self.counts[key] = self.counts.get(key, 0) + 1
+
+    def emit(self, fx: SendRequest | CallRequest | ProfileChanged) -> None:
+        out = self.out
+        match fx:
+            case SendRequest():
+                enc = wire.encode_send_request(fx)
+                out.records.append(Record(self.topics.channel(fx.channel), enc.key, enc.value, enc.headers))
+                out.sends[fx.channel] = out.sends.get(fx.channel, 0) + 1
+            case ProfileChanged():
+                enc = wire.encode_profile_change(fx)
+                out.records.append(Record(self.topics.profile_changes, enc.key, enc.value, enc.headers))
+            case CallRequest():
+                enc = wire.encode_call_request(fx)
+                out.records.append(Record(self.topics.calls, enc.key, enc.value, enc.headers))
+            case _:
+                assert_never(fx)
+
+    def timer(self, user: str, old: int | None, new: int | None) -> None:
+        p, out = self.partition, self.out
+        ops = self.timer_ops.get(p)
+        if ops is None:
+            ops = self.timer_ops[p] = {}
+        if old is not None:
+            key = timer_key(old, user)
+            if ops.get(key) is not None:
+                del ops[key]  # set and cleared within this batch
+            else:
+                ops[key] = None
+            out.timers_cleared[p] = out.timers_cleared.get(p, 0) + 1
+            out.timers_cancelled += self.cancels
+        if new is not None:
+            ops[timer_key(new, user)] = b"1"
+            out.timers_set[p] = out.timers_set.get(p, 0) + 1
+            if new < out.earliest_timer.get(p, new + 1):
+                out.earliest_timer[p] = new
+
+
+class _Redo(Exception):
+    """The engine raised in fast (in-place) mode: compute the batch again in safe mode."""
 
 
 class BatchCore:
@@ -177,12 +317,19 @@ class BatchCore:
         release_quarantined: bool = False,
         keyless: str = "accept",
         dead_letter_max_bytes: int = 512 * 1024,
+        cache_users: int = 100_000,
     ) -> None:
         self.journeys, self.topics, self.decoder, self.clock = journeys, topics, decoder, clock
         self.ticks_topic = topics.ticks
         self.release_all = release_quarantined  # Settings.release_quarantined
         self.keyless = keyless  # Settings.keyless: "accept" or "dead_letter"
         self.dead_letter_max_bytes = dead_letter_max_bytes
+        self.cache_users = cache_users
+        self.cache: dict[tuple[int, str], UserRecord] = {}  # least recently used first
+        # records of batches computed but not yet written to the store (what a read must see)
+        self.unwritten: dict[tuple[int, str], bytes] = {}
+
+    # --- decoding ------------------------------------------------------------------------------
 
     def run(self, msgs: Sequence[Message], store: StateReader) -> BatchOutput:
         """Decode and apply in message order (no cross-topic alignment)."""
@@ -190,169 +337,33 @@ class BatchCore:
         self.apply(self.decode(msgs, out), store, out)
         return out
 
-    def decode(self, msgs: Sequence[Message], out: BatchOutput) -> list[Item]:
+    def decode(self, msgs: Iterable[Message], out: BatchOutput) -> list[Item]:
         """Messages -> inputs with their time. Invalid ones go to the dead-letter records now;
         events no journey or history uses are dropped here (no state read, no write)."""
         now_ms = int(self.clock() * 1000)
         items: list[Item] = []
         watched = self.journeys.watched
+        consumed = out.consumed
         for m in msgs:
-            out.consumed[m.topic] = out.consumed.get(m.topic, 0) + 1
-            inp, at = self._decode(m, now_ms, out)
+            topic = cast(str, m.topic())
+            consumed[topic] = consumed.get(topic, 0) + 1
+            inp, at = self._decode(m, topic, now_ms, out)
             if inp is None or (isinstance(inp, Event) and inp.name not in watched):
                 continue
-            items.append(Item(m, inp, at))
+            items.append(Item(topic, cast(int, m.partition()), cast(int, m.offset()), inp, at, m))
         return items
 
-    def apply(self, decoded: Sequence[Item], store: StateReader, out: BatchOutput) -> None:
-        """Run the engine over inputs in the given order; each user's state read and written once."""
-        wanted: dict[int, set[str]] = {}
-        for item in decoded:
-            m, inp, at = item.msg, item.input, item.at
-            wanted.setdefault(m.partition, set()).add(inp.user_id)
-            if not isinstance(inp, Tick):
-                tp = (m.topic, m.partition)
-                out.max_ts[tp] = max(out.max_ts.get(tp, at), at)
-        cache: dict[tuple[int, str], UserRecord | None] = {}
-        for p, users in wanted.items():
-            ulist = sorted(users)
-            for u, raw in zip(ulist, store.get_many(p, [user_key(u) for u in ulist]), strict=True):
-                cache[(p, u)] = upgrade_record(orjson.loads(raw)) if raw is not None else None
-        dirty: set[tuple[int, str]] = set()
-        timer_ops: dict[int, dict[tuple[int, str], bool]] = {}
-        now_ms = int(self.clock() * 1000)
-        for item in decoded:
-            m, inp = item.msg, item.input
-            ck = (m.partition, inp.user_id)
-            rec = cache[ck]
-            if m.offset >= 0 and rec is not None and rec["offsets"].get(m.topic, -1) >= m.offset:
-                out.duplicates += 1  # already applied before a crash or rebalance
-                continue
-            if rec is not None and "quarantine" in rec:
-                if not (isinstance(inp, Release) or self.release_all):
-                    if self._park(rec, m, out):
-                        dirty.add(ck)
-                    continue
-                rec = cache[ck] = self._release(rec, inp.user_id, now_ms, out, timer_ops)
-                dirty.add(ck)
-            if isinstance(inp, Release):
-                if rec is not None and "quarantine" not in rec:  # released: run what fell due meanwhile
-                    tick = Message(self.ticks_topic, m.partition, -1, m.key, None, None)
-                    rec = cache[ck] = (
-                        self._apply_one(rec, tick, Tick(inp.user_id), item.at, now_ms, out, timer_ops) or rec
-                    )
-                    if m.offset >= 0:
-                        rec["offsets"][m.topic] = m.offset
-                    dirty.add(ck)
-                continue
-            new = self._apply_one(rec, m, inp, item.at, now_ms, out, timer_ops)
-            if new is not None:
-                cache[ck] = new
-                dirty.add(ck)
-        for p, ops in timer_ops.items():
-            w = out.writes.setdefault(p, [])
-            w.extend((timer_key(d, u), b"1") for (d, u), put in sorted(ops.items()) if put)
-        for p, u in sorted(dirty):
-            out.writes.setdefault(p, []).append((user_key(u), orjson.dumps(cache[(p, u)])))
-        for p, ops in timer_ops.items():
-            out.writes[p].extend((timer_key(d, u), None) for (d, u), put in sorted(ops.items()) if not put)
-
-    def _apply_one(
-        self,
-        rec: UserRecord | None,
-        m: Message,
-        inp: Input,
-        at: int,
-        now_ms: int,
-        out: BatchOutput,
-        timer_ops: dict[int, dict[tuple[int, str], bool]],
-    ) -> UserRecord | None:
-        """Apply one input to one user's record; the new record, or None when nothing changed.
-        An exception quarantines this user alone: everyone else in the batch goes on."""
-        if isinstance(inp, Tick):  # stale: the user's wake-up moved or already ran (a duplicate tick)
-            out.ticks.append((m.partition, at, core.next_wake(rec["state"] if rec else None) != at))
-        try:
-            res = core.process(rec["state"] if rec else None, inp, at, self.journeys)
-        except Exception as e:  # a bug or an edit the engine cannot follow: never the whole batch
-            return self._quarantine(rec, m, inp.user_id, type(e).__name__, now_ms, out)
-        if not res.changed:
-            return None
-        if rec is None:
-            rec = {"state": res.state, "offsets": {}}
-        rec["state"] = res.state
-        if m.offset >= 0:  # in-process ticks have none: they are idempotent by themselves
-            rec["offsets"][m.topic] = m.offset
-        self._effects(res.effects, m.partition, out, timer_ops, cancels=not isinstance(inp, Tick))
-        return rec
-
-    def _quarantine(
-        self, rec: UserRecord | None, m: Message, user: str, error: str, now_ms: int, out: BatchOutput
-    ) -> UserRecord:
-        rec = rec if rec is not None else {"state": core.new_state(), "offsets": {}}
-        rec["quarantine"] = {"since": now_ms, "error": error, "topic": m.topic, "offset": m.offset, "parked": []}
-        out.quarantined.append((user, error))
-        self._park(rec, m, out)
-        return rec
-
-    def _park(self, rec: UserRecord, m: Message, out: BatchOutput) -> bool:
-        """Keep a quarantined user's input for release; False when there was nothing to keep."""
-        if m.offset < 0 or m.value is None:  # a timer: held as it is in the index
-            return False
-        q = rec["quarantine"]
-        if len(q["parked"]) >= MAX_PARKED:
-            self._dead(m, Invalid("quarantine_overflow", f"user quarantined with {MAX_PARKED} inputs parked"), out)
-            out.parked_overflow += 1
-        else:
-            value = m.value.decode("utf-8", "replace")
-            q["parked"].append(
-                {
-                    "topic": m.topic,
-                    "partition": m.partition,
-                    "offset": m.offset,
-                    "value": value,
-                    "kafka_ts": m.timestamp,
-                }
-            )
-            out.parked += 1
-        rec["offsets"][m.topic] = m.offset
-        return True
-
-    def _release(
-        self,
-        rec: UserRecord,
-        user: str,
-        now_ms: int,
-        out: BatchOutput,
-        timer_ops: dict[int, dict[tuple[int, str], bool]],
-    ) -> UserRecord:
-        """Lift a user's quarantine and apply the parked inputs in order (one may quarantine the
-        user again: the rest stay parked)."""
-        parked = rec.pop("quarantine")["parked"]
-        out.released += 1
-        key = user.encode()
-        for i, pi in enumerate(parked):
-            msg = Message(pi["topic"], pi["partition"], -1, key, pi["value"].encode(), pi["kafka_ts"])
-            inp, at = self._decode(msg, now_ms, out)
-            if inp is None or isinstance(inp, Release):
-                continue
-            new = self._apply_one(rec, msg, inp, at, now_ms, out, timer_ops)
-            rec = new if new is not None else rec
-            if "quarantine" in rec:
-                rec["quarantine"]["parked"].extend(parked[i:])  # the one that raised comes first again
-                break
-        return rec
-
-    def _decode(self, m: Message, now_ms: int, out: BatchOutput) -> tuple[Input | Release | None, int]:
-        if m.topic == self.ticks_topic:
+    def _decode(self, m: Message, topic: str, now_ms: int, out: BatchOutput) -> tuple[Input | Release | None, int]:
+        if topic == self.ticks_topic:
             try:
-                user, due = wire.decode_tick(m.value)
+                user, due = wire.decode_tick(m.value())
             except wire.WireError as e:
                 self._dead(m, Invalid("bad_message", str(e)), out)
                 return None, 0
             return Tick(user), due
-        inp = self.decoder.decode(m.topic, m.value, m.timestamp, now_ms)
-        if not isinstance(inp, Invalid):
-            inp = self._key_policy(m, inp)
+        inp = self.decoder.decode(topic, m.value(), kafka_ts(m), now_ms)
+        if inp.__class__ is not Invalid:
+            inp = self._key_policy(m, cast(Input | Release, inp))
         if isinstance(inp, Invalid):
             self._dead(m, inp, out)
             return None, 0
@@ -360,7 +371,7 @@ class BatchCore:
             case Event() | ProfileUpdate() | Enroll() | Release():
                 return inp, inp.ts
             case Feedback() | CallResult():
-                return inp, m.timestamp or now_ms
+                return inp, kafka_ts(m) or now_ms
             case Tick():
                 return inp, now_ms
             case _:
@@ -368,12 +379,13 @@ class BatchCore:
 
     def _key_policy(self, m: Message, inp: Input | Release) -> Input | Release | Invalid:
         """A user's inputs must all reach the partition that holds the user's state: the message key
-        is the user id (README "Keys and partitions")."""
-        if m.key is None:
+        is the user id (README "Keys")."""
+        key = m.key()
+        if key is None:
             if self.keyless == "dead_letter":
                 return Invalid("missing_key", "no message key: key input messages by user_id")
             return inp
-        if m.key != inp.user_id.encode():
+        if key != inp.user_id.encode():
             return Invalid(
                 "key_mismatch", "the message key is not the user_id: the user would be split across partitions"
             )
@@ -382,48 +394,248 @@ class BatchCore:
     def _dead(self, m: Message, bad: Invalid, out: BatchOutput) -> None:
         """The message to the dead-letter topic with its reason; as a stub (sizes and hashes, the
         coordinates to fetch the original) when it would not fit in a dead-letter message."""
-        out.invalid.append((m.topic, bad.reason))
-        headers = wire.dead_letter_headers(bad.reason, bad.detail, m.topic, m.partition, m.offset)
-        headers += [(f"original.{k}", v) for k, v in m.headers or ()]
-        key, value = m.key, m.value or b""
+        topic, partition, offset = cast(str, m.topic()), cast(int, m.partition()), cast(int, m.offset())
+        out.invalid.append((topic, bad.reason))
+        headers = wire.dead_letter_headers(bad.reason, bad.detail, topic, partition, offset)
+        headers += [(f"original.{k}", v) for k, v in m.headers() or ()]
+        key, value = m.key(), m.value() or b""
         if len(value) + len(key or b"") > self.dead_letter_max_bytes:
             key, value, headers = wire.dead_letter_stub(key, value, headers)
         out.records.append(Record(self.topics.dead_letter, key, value, headers))
 
-    def _effects(
+    # --- applying ------------------------------------------------------------------------------
+
+    def apply(self, items: Sequence[Item], store: StateReader, out: BatchOutput) -> None:
+        """Run the engine over the inputs in the given order; each touched record written once."""
+        records, invalid = len(out.records), len(out.invalid)  # what decoding produced
+        try:
+            self._apply(items, store, out, safe=False)
+        except _Redo:
+            for key in out.dirty:  # their cached records hold part of this batch: read them again
+                self.cache.pop(key, None)
+            del out.records[records:]
+            del out.invalid[invalid:]
+            fresh = BatchOutput(records=out.records, invalid=out.invalid, consumed=out.consumed)
+            for f in fields(BatchOutput):
+                setattr(out, f.name, getattr(fresh, f.name))
+            self._apply(items, store, out, safe=True)
+
+    def _apply(self, items: Sequence[Item], store: StateReader, out: BatchOutput, safe: bool) -> None:
+        cache = self.cache
+        missing: dict[int, set[str]] = {}
+        for item in items:
+            key = (item.partition, item.input.user_id)
+            if key not in cache:
+                missing.setdefault(item.partition, set()).add(key[1])
+        fresh: set[tuple[int, str]] = set()  # no record anywhere yet
+        unwritten = self.unwritten
+        for p, users in missing.items():
+            ulist = list(users)
+            for u, raw in zip(ulist, store.get_many(p, [user_key(u) for u in ulist]), strict=True):
+                raw = unwritten.get((p, u), raw)
+                if raw is None:
+                    fresh.add((p, u))
+                else:
+                    cache[(p, u)] = upgrade_record(orjson.loads(raw))
+        sink = BatchSink(self.topics, out)
+        now_ms = int(self.clock() * 1000)
+        dirty, serialized, dumps = out.dirty, out.serialized, orjson.dumps
+        # order by use only matters once the bound is near (eviction takes the oldest first)
+        keep_order = len(cache) + len(fresh) > self.cache_users * 0.9
+        journeys, apply_engine = self.journeys, core.apply
+        for item in items:
+            inp, offset, topic, p = item.input, item.offset, item.topic, item.partition
+            key = (p, inp.user_id)
+            rec = cache.get(key)
+            new = rec is None
+            if rec is None:
+                if key not in fresh:  # evicted by nothing (never during a batch): cannot happen
+                    raise AssertionError(f"record of {inp.user_id} not loaded")
+                rec = cache[key] = {"state": core.new_state(), "offsets": {}}
+                fresh.discard(key)
+            elif keep_order:
+                cache[key] = cache.pop(key)  # most recently used last
+            offsets = rec["offsets"]
+            if offset >= 0 and offsets.get(topic, -1) >= offset:
+                out.duplicates += 1  # already applied before a crash or rebalance
+                if new:
+                    del cache[key]
+                    fresh.add(key)
+                continue
+            was_dirty = key in dirty
+            dirty.add(key)  # before applying: if the engine raises, this record is the one to drop
+            sink.partition = p
+            if inp.__class__ is Event and not safe and "quarantine" not in rec:  # the hot path
+                sink.cancels = True
+                try:
+                    apply_engine(rec["state"], inp, item.at, journeys, sink)
+                except Exception as e:
+                    raise _Redo from e
+                offsets[topic] = offset
+                changed = True
+            else:
+                changed = self._apply_item(rec, item, sink, now_ms, out, safe)
+            if changed:
+                # serialised now, while the record is in the CPU's caches (a later input of the same
+                # user in this batch serialises it again): walking it cold at the end costs ten times more
+                serialized[key] = dumps(rec)
+            elif not was_dirty:
+                dirty.discard(key)
+                if new:
+                    del cache[key]  # nothing happened to a user we did not know: store nothing
+                    fresh.add(key)
+        for p, ops in sink.timer_ops.items():
+            out.local.setdefault(p, []).extend(ops.items())
+        writes = out.writes
+        for (p, user), value in serialized.items():
+            unwritten[(p, user)] = value
+            w = writes.get(p)
+            if w is None:
+                w = writes[p] = []
+            w.append((user_key(user), value))
+
+    def _apply_item(
+        self, rec: UserRecord, item: Item, sink: BatchSink, now_ms: int, out: BatchOutput, safe: bool
+    ) -> bool:
+        """One input for one user's record, in place (not yet a duplicate); whether it changed."""
+        inp, offset, topic, p = item.input, item.offset, item.topic, item.partition
+        if "quarantine" in rec:
+            if not (isinstance(inp, Release) or self.release_all):
+                return self._park(rec, item, out)
+            self._release(rec, p, inp.user_id, now_ms, sink, out, safe)
+            if "quarantine" in rec:  # a parked input raised again: this one waits behind it
+                self._park(rec, item, out)
+                return True
+        if isinstance(inp, Release):  # (released or never quarantined) run what fell due meanwhile
+            self._engine(rec, Tick(inp.user_id), p, self.ticks_topic, -1, item.at, None, sink, now_ms, safe)
+        else:
+            if isinstance(inp, Tick):  # stale: the user's wake-up moved or already ran (a duplicate tick)
+                out.ticks.append((p, item.at, next_wake(rec["state"]) != item.at))
+            self._engine(rec, inp, p, topic, offset, item.at, item.msg, sink, now_ms, safe)
+        if offset >= 0:  # in-process ticks have none: they are idempotent by themselves
+            rec["offsets"][topic] = offset
+        return True
+
+    def _engine(
         self,
-        effects: Iterable[Effect],
+        rec: UserRecord,
+        inp: Input,
         p: int,
-        out: BatchOutput,
-        timer_ops: dict[int, dict[tuple[int, str], bool]],
-        cancels: bool,
+        topic: str,
+        offset: int,
+        at: int,
+        msg: Message | None,
+        sink: BatchSink,
+        now_ms: int,
+        safe: bool,
     ) -> None:
-        for fx in effects:
+        """The engine over one input, in place. In safe mode on a copy, its effects kept aside: an
+        exception quarantines this user alone, with the state as it was before the input."""
+        sink.cancels = not isinstance(inp, Tick)
+        if not safe:
+            try:
+                core.apply(rec["state"], inp, at, self.journeys, sink)
+            except Exception as e:
+                raise _Redo from e
+            return
+        state, effects = clone(rec["state"]), core.EffectList()
+        try:
+            core.apply(state, inp, at, self.journeys, effects)
+        except Exception as e:  # a bug or an edit the engine cannot follow: never the whole batch
+            rec["quarantine"] = {
+                "since": now_ms,
+                "error": type(e).__name__,
+                "topic": topic,
+                "offset": offset,
+                "parked": [],
+            }
+            sink.out.quarantined.append((inp.user_id, type(e).__name__))
+            if msg is not None and offset >= 0:
+                self._park_input(rec, topic, p, offset, msg, sink.out)
+            return
+        rec["state"] = state
+        for fx in effects.effects:
             match fx:
                 case Count():
-                    out.counts.append(fx)
-                case SendRequest():
-                    self._record(self.topics.channel(fx.channel), wire.encode_send_request(fx), out)
-                    out.sends[fx.channel] = out.sends.get(fx.channel, 0) + 1
-                case TimerSet():
-                    timer_ops.setdefault(p, {})[(fx.due, fx.user_id)] = True
-                    out.timers_set[p] = out.timers_set.get(p, 0) + 1
-                    out.earliest_timer[p] = min(out.earliest_timer.get(p, fx.due), fx.due)
+                    sink.count(fx.kind, fx.journey, fx.detail)
                 case TimerCleared():
-                    ops = timer_ops.setdefault(p, {})
-                    if ops.get((fx.due, fx.user_id)) is True:
-                        del ops[(fx.due, fx.user_id)]  # set and cleared within this batch
-                    else:
-                        ops[(fx.due, fx.user_id)] = False
-                    out.timers_cleared[p] = out.timers_cleared.get(p, 0) + 1
-                    out.timers_cancelled += cancels
-                case ProfileChanged():
-                    self._record(self.topics.profile_changes, wire.encode_profile_change(fx), out)
-                case CallRequest():
-                    self._record(self.topics.calls, wire.encode_call_request(fx), out)
+                    sink.timer(fx.user_id, fx.due, None)
+                case TimerSet():
+                    sink.timer(fx.user_id, None, fx.due)
+                case SendRequest() | CallRequest() | ProfileChanged():
+                    sink.emit(fx)
                 case _:
                     assert_never(fx)
 
+    def _park(self, rec: UserRecord, item: Item, out: BatchOutput) -> bool:
+        """Keep a quarantined user's input for release; False when there was nothing to keep."""
+        if item.offset < 0 or item.msg is None:  # a timer: held as it is in the index
+            return False
+        q = rec["quarantine"]
+        if len(q["parked"]) >= MAX_PARKED:
+            self._dead(
+                item.msg, Invalid("quarantine_overflow", f"user quarantined with {MAX_PARKED} inputs parked"), out
+            )
+            out.parked_overflow += 1
+        else:
+            self._park_input(rec, item.topic, item.partition, item.offset, item.msg, out)
+        rec["offsets"][item.topic] = item.offset
+        return True
+
     @staticmethod
-    def _record(topic: str, enc: wire.Encoded, out: BatchOutput) -> None:
-        out.records.append(Record(topic, enc.key, enc.value, enc.headers))
+    def _park_input(rec: UserRecord, topic: str, p: int, offset: int, m: Message, out: BatchOutput) -> None:
+        value = (m.value() or b"").decode("utf-8", "replace")
+        rec["quarantine"]["parked"].append(
+            {"topic": topic, "partition": p, "offset": offset, "value": value, "kafka_ts": kafka_ts(m)}
+        )
+        rec["offsets"][topic] = offset
+        out.parked += 1
+
+    def _release(
+        self, rec: UserRecord, p: int, user: str, now_ms: int, sink: BatchSink, out: BatchOutput, safe: bool
+    ) -> None:
+        """Lift a user's quarantine and apply the parked inputs in order (one may quarantine the
+        user again: it and the rest stay parked)."""
+        parked = rec.pop("quarantine")["parked"]
+        out.released += 1
+        key = user.encode()
+        for i, pi in enumerate(parked):
+            msg = Raw(pi["topic"], pi["partition"], -1, key, pi["value"].encode(), pi["kafka_ts"])
+            inp, at = self._decode(msg, pi["topic"], now_ms, out)
+            if inp is None or isinstance(inp, Release):
+                continue
+            self._engine(rec, inp, p, pi["topic"], -1, at, None, sink, now_ms, safe)
+            if "quarantine" in rec:
+                rec["quarantine"]["parked"].extend(parked[i:])  # the one that raised comes first again
+                break
+
+    # --- the cache -----------------------------------------------------------------------------
+
+    def evict(self, keep: set[tuple[int, str]]) -> None:
+        """Bound the cache: drop the least recently used records, never those in `keep` (touched
+        by a batch that is not written to the store yet)."""
+        cache = self.cache
+        excess = len(cache) - self.cache_users
+        if excess <= 0:
+            return
+        drop = []
+        for key in cache:  # least recently used first
+            if key not in keep:
+                drop.append(key)
+                if len(drop) >= excess:
+                    break
+        for key in drop:
+            del cache[key]
+
+    def written(self, out: BatchOutput) -> None:
+        """A batch's writes are in the store now: reads may go there for them."""
+        unwritten = self.unwritten
+        for key, value in out.serialized.items():
+            if unwritten.get(key) is value:  # not since changed by a later batch
+                del unwritten[key]
+
+    def forget(self) -> None:
+        """Drop every cached record (a rebalance, or a batch that was abandoned): they are read
+        again from the store, which holds exactly what was made durable."""
+        self.cache.clear()
+        self.unwritten.clear()

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import assert_never
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from nudgeflow.engine.io import Count
+from nudgeflow.engine.io import Count, CountKind
 
 EVENTS = Counter("nudgeflow_events_consumed_total", "Input messages consumed", ["topic"])
 INVALID = Counter("nudgeflow_invalid_events_total", "Messages sent to the dead-letter topic", ["topic", "reason"])
@@ -62,26 +63,35 @@ DELIVERY_FAILURES = Counter(
     "Batches whose records (changelog, sends, dead letters) could not be written: held and retried",
 )
 RESTORE_SECONDS = Gauge("nudgeflow_restore_seconds", "Duration of the last state restore after a rebalance")
+RESTORED_RECORDS = Gauge(
+    "nudgeflow_restored_records", "Changelog records applied by the last restore of a partition", ["partition"]
+)
 
 
 def count(c: Count) -> None:
     """Apply one engine Count effect to the metrics."""
-    match c.kind:
-        case "entered":
-            ENTRIES.labels(c.journey).inc()
-        case "exited":
-            EXITS.labels(c.journey, c.detail).inc()
-        case "converted":
-            CONVERSIONS.labels(c.journey).inc()
-        case "skipped":
-            SKIPPED.labels(c.journey, c.detail).inc()
-        case "visit":
-            VISITS.labels(c.journey, c.detail).inc()
-        case "step":
-            STEPS.labels(c.journey, c.detail).inc()
-        case "unreachable":
-            UNREACHABLE.labels(c.journey, c.detail).inc()
-        case "sent":
-            SENDS.labels(c.detail, c.journey).inc()
-        case _:
-            assert_never(c.kind)
+    count_many({(c.kind, c.journey, c.detail): 1})
+
+
+def count_many(counts: Mapping[tuple[CountKind, str, str], int]) -> None:
+    """Apply a batch's tallied engine counts (kind, journey, detail) -> n to the metrics."""
+    for (kind, journey, detail), n in counts.items():
+        match kind:
+            case "entered":
+                ENTRIES.labels(journey).inc(n)
+            case "exited":
+                EXITS.labels(journey, detail).inc(n)
+            case "converted":
+                CONVERSIONS.labels(journey).inc(n)
+            case "skipped":
+                SKIPPED.labels(journey, detail).inc(n)
+            case "visit":
+                VISITS.labels(journey, detail).inc(n)
+            case "step":
+                STEPS.labels(journey, detail).inc(n)
+            case "unreachable":
+                UNREACHABLE.labels(journey, detail).inc(n)
+            case "sent":
+                SENDS.labels(detail, journey).inc(n)
+            case _:
+                assert_never(kind)

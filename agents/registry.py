@@ -85,9 +85,7 @@ def edits(journeys: JourneySet, recorded: dict[str, str]) -> list[Edit]:
     return out
 
 
-def check_and_record(
-    bootstrap: str, topic: str, journeys: JourneySet, accept_edits: bool
-) -> tuple[list[Edit], str]:
+def check_and_record(bootstrap: str, topic: str, journeys: JourneySet, accept_edits: bool) -> tuple[list[Edit], str]:
     """Refuse edited journeys (unless accepted); record this set. Returns the accepted edits and
     the cluster's incarnation id (created by the first worker ever; the earliest record wins)."""
     registry = read_registry(bootstrap, topic)

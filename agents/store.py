@@ -1,10 +1,11 @@
 """The journey state table's storage: the only code that touches RocksDB.
 
 Faust owns the table's lifecycle (one RocksDB per assigned partition, opened on assignment,
-restored from the changelog topic, closed on revocation); this class reads and writes those
-databases directly, a batch at a time, instead of through Faust's per-key table API. Writes are
-one WriteBatch per partition (atomic), always after the same records are durable in the
-changelog, so a restore from the changelog yields what was written here.
+closed on revocation); this class reads and writes those databases directly, a batch at a time,
+instead of through Faust's per-key table API. Each batch is one WriteBatch per partition
+(atomic): user records, input positions, timer-index changes and the changelog offset the
+records reached, always after the same records are durable in the changelog, so a restore from
+the changelog yields what was written here.
 """
 
 from __future__ import annotations
@@ -14,35 +15,45 @@ from typing import Any
 
 from rocksdict import WriteBatch
 
-Write = tuple[bytes, bytes | None]  # (key, value); None deletes
+from nudgeflow.agents.batch import Write, record_wake
+from nudgeflow.agents.keys import CHANGELOG_OFFSET, LEGACY_END_MARKER, TIMER, USER, position_key, timer_key
 
 
 class StateStore:
     def __init__(self, table: Any) -> None:
         self.table = table
 
-    def _db(self, partition: int) -> Any:
+    def db(self, partition: int) -> Any:
         # Faust's store exposes the partition's Rdict only through this private accessor
         return self.table.data._db_for_partition(partition)
 
     def get_many(self, partition: int, keys: list[bytes]) -> list[bytes | None]:
-        result: list[bytes | None] = self._db(partition).get(keys)
+        result: list[bytes | None] = self.db(partition).get(keys)
         return result
 
-    def write(self, writes: Mapping[int, Sequence[Write]]) -> None:
-        """Apply each partition's writes in order, atomically per partition."""
-        for p, ops in writes.items():
+    def write(
+        self,
+        writes: Mapping[int, Sequence[Write]],
+        local: Mapping[int, Sequence[Write]],
+        changelog_offsets: Mapping[int, int],
+    ) -> None:
+        """One WriteBatch per partition: its writes (also in the changelog), local writes, and the
+        changelog offset they reached."""
+        for p in set(writes) | set(local) | set(changelog_offsets):
             wb = WriteBatch(raw_mode=True)
-            for key, value in ops:
-                if value is None:
-                    wb.delete(key)
-                else:
-                    wb.put(key, value)
-            self._db(p).write(wb)
+            for ops in (writes.get(p, ()), local.get(p, ())):
+                for key, value in ops:
+                    if value is None:
+                        wb.delete(key)
+                    else:
+                        wb.put(key, value)
+            if p in changelog_offsets:
+                wb.put(CHANGELOG_OFFSET, str(changelog_offsets[p]).encode())
+            self.db(p).write(wb)
 
     def keys_from(self, partition: int, start: bytes, prefix: bytes) -> Iterator[bytes]:
         """Keys >= start that begin with prefix, in key order."""
-        it = self._db(partition).iter()
+        it = self.db(partition).iter()
         it.seek(start)
         while it.valid():
             key: bytes = it.key()
@@ -50,3 +61,41 @@ class StateStore:
                 return
             yield key
             it.next()
+
+    def positions(self, partition: int, topics: Sequence[str]) -> dict[str, int]:
+        """Where each input topic of this partition resumes, for the topics that have a position."""
+        got = self.get_many(partition, [position_key(t) for t in topics])
+        return {t: int(v) for t, v in zip(topics, got, strict=True) if v is not None}
+
+    def changelog_offset(self, partition: int) -> int | None:
+        raw = self.db(partition).get(CHANGELOG_OFFSET)
+        return int(raw) if raw is not None else None
+
+    def restore(self, partition: int, records: Sequence[tuple[bytes, bytes | None]], last_offset: int) -> int:
+        """Apply changelog records (in log order) to the partition's store with their timer-index
+        changes, and record the changelog offset reached. Returns how many records were applied."""
+        latest: dict[bytes, bytes | None] = {}
+        for key, value in records:
+            if key.startswith(TIMER) or key == LEGACY_END_MARKER:
+                continue  # 0.1 changelogged the timer index: it is rebuilt from the records instead
+            latest[key] = value
+        users = [k for k in latest if k.startswith(USER)]
+        db = self.db(partition)
+        before = dict(zip(users, db.get(users), strict=True)) if users else {}
+        wb = WriteBatch(raw_mode=True)
+        for key, value in latest.items():
+            if value is None:
+                wb.delete(key)
+            else:
+                wb.put(key, value)
+            if key in before:
+                old, new = record_wake(before[key]), record_wake(value)
+                if old != new:
+                    user = key[len(USER) :].decode()
+                    if old is not None:
+                        wb.delete(timer_key(old, user))
+                    if new is not None:
+                        wb.put(timer_key(new, user), b"1")
+        wb.put(CHANGELOG_OFFSET, str(last_offset).encode())
+        db.write(wb)
+        return len(latest)

@@ -1,12 +1,12 @@
 """The durable per-user timer: an ordered scan of the timer index by due time.
 
-The index (`t:<due><user>` keys, see agents.keys) lives in the journey state table, so it moves
-with its partition and is restored from the changelog with the state. Every interval the
-scanner walks each active partition from its cursor up to min(now - grace, event-time gate),
-oldest first, and hands the due (partition, due, user) entries to the runtime, which applies
-them as Tick inputs under the same lock as the agent's batches: serialised with that user's
-other inputs, written and changelogged in one batch that also deletes the index entries. A tick
-with nothing due is a no-op, so a timer scanned again after a crash cannot send twice.
+The index (`t:<due><user>` keys, see agents.keys) lives in the journey state table's RocksDB,
+beside the records whose wake-up times it orders (a restore rebuilds it from them). Every
+interval the pipeline asks the scanner for each active partition's due timers, from its cursor
+up to min(now - grace, the partition's event-time gate, see agents.align), oldest first, and
+applies them as Tick inputs in its next batch: serialised with that user's other inputs, written
+in one batch that also deletes the index entries. A tick with nothing due is a no-op, so a timer
+scanned again after a crash cannot send twice.
 
 Bounded: at most `fire_limit` timers per partition per scan, so a backlog of overdue timers
 (after downtime) drains steadily, oldest first, without starving event processing. The cursor
@@ -21,21 +21,6 @@ from typing import Protocol
 
 from nudgeflow.agents import metrics
 from nudgeflow.agents.keys import TIMER, parse_timer_key, timer_key
-
-
-def event_time_gate(inputs: list[tuple[bool, int | None]]) -> float:
-    """The latest due time that may fire on a partition, from its input topic-partitions.
-
-    Each input is (lagging, newest event time applied). While an input lags (offsets left to
-    read, or inputs held for alignment), a timer may fire only once that input's event time has
-    passed it: otherwise, catching up after downtime, a push would go out before the purchase
-    made during the downtime is read. Inputs that are caught up do not hold timers back.
-    """
-    gate = float("inf")
-    for lagging, newest in inputs:
-        if lagging:
-            gate = min(gate, float(newest) if newest is not None else float("-inf"))
-    return gate
 
 
 class TimerIndex(Protocol):

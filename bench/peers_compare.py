@@ -115,7 +115,6 @@ def run_once(broker: EmbeddedBroker, work: Path, manifest: dict, wait_ms: int, b
         "NUDGEFLOW_SESSION_TIMEOUT_S": "6",
         "NUDGEFLOW_REBALANCE_TIMEOUT_S": "6",
         "NUDGEFLOW_HEARTBEAT_S": "1",
-        "NUDGEFLOW_CHANGELOG_END_MARKER": "true",  # Tansu: see Settings.changelog_end_marker
         "NUDGEFLOW_BATCH_MAX": str(batch),
         "NUDGEFLOW_LOG_FILE": str(work / f"worker-{rep}.log"),
     }

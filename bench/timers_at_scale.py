@@ -162,7 +162,6 @@ def start_worker(bootstrap: str, work: Path, partitions: int, port: int) -> subp
         "NUDGEFLOW_SESSION_TIMEOUT_S": "6",
         "NUDGEFLOW_REBALANCE_TIMEOUT_S": "6",
         "NUDGEFLOW_HEARTBEAT_S": "1",
-        "NUDGEFLOW_CHANGELOG_END_MARKER": "true",  # Tansu: see Settings.changelog_end_marker
         "NUDGEFLOW_TIMER_INTERVAL_MS": "100",
         "NUDGEFLOW_LOG_FILE": str(work / "worker.log"),
     }

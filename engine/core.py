@@ -45,6 +45,7 @@ from nudgeflow.engine.io import (
     ProfileUpdate,
     Result,
     SendRequest,
+    Sink,
     Tick,
     TimerCleared,
     TimerSet,
@@ -54,7 +55,7 @@ from nudgeflow.engine.state import Instance, UserState, clone, new_state, next_w
 from nudgeflow.engine.templates import render_value
 from nudgeflow.engine.timeparse import iso_to_ms
 
-__all__ = ["idempotency_key", "new_state", "next_wake", "process"]
+__all__ = ["EffectList", "apply", "idempotency_key", "new_state", "next_wake", "process"]
 
 MAX_STEPS_PER_RUN = 200
 PAUSE_RECHECK_MS = 3_600_000
@@ -66,35 +67,72 @@ def idempotency_key(journey: str, user: str, instance: int, step: str, k: int) -
 
 
 def process(state: UserState | None, inp: Input, now: int, js: g.JourneySet) -> Result:
-    """Apply one input at time `now` to one user's state."""
+    """Apply one input at time `now` to one user's state; the input state is not changed."""
     if isinstance(inp, Event) and inp.name not in js.watched:
         wake = next_wake(state)
         if wake is None or wake > now:  # fast path: nothing to do for this event
             return Result(state if state else new_state(), [], changed=False)
-    run = _Run(state, inp.user_id, js)
+    st = clone(state) if state else new_state()
+    effects = EffectList()
+    apply(st, inp, now, js, effects)
+    return Result(st, effects.effects)
+
+
+def apply(st: UserState, inp: Input, now: int, js: g.JourneySet, sink: Sink) -> None:
+    """`process` in place: change `st` and report effects to `sink` (the worker's batch core owns
+    its states for the length of a batch, so it saves the copy)."""
+    run = _Run(st, inp.user_id, js, sink)
     run.apply(inp, now)
-    return run.finish(now)
+    run.finish(now)
+
+
+class EffectList:
+    """A Sink that keeps every effect as an object, in order (`process`, `simulate`, tests)."""
+
+    __slots__ = ("effects",)
+
+    def __init__(self) -> None:
+        self.effects: list[Effect] = []
+
+    def count(self, kind: CountKind, journey: str, detail: str) -> None:
+        self.effects.append(Count(kind, journey, detail))
+
+    def emit(self, fx: SendRequest | CallRequest | ProfileChanged) -> None:
+        self.effects.append(fx)
+
+    def timer(self, user: str, old: int | None, new: int | None) -> None:
+        if old is not None:
+            self.effects.append(TimerCleared(user, old))
+        if new is not None:
+            self.effects.append(TimerSet(user, new))
 
 
 class _Run:
-    """One call of `process`: a private copy of the state and the effects so far.
+    """One call of `apply`: the state being changed, where effects go, and the event being applied.
 
     Inputs are dispatched by `apply` (one `on_<input>` method per input kind), steps by `run`
     (one `run_<step>` method per step kind) and timers by `wake`; every dispatch is a `match`
     that mypy checks for exhaustiveness, so a new kind cannot be forgotten silently.
     """
 
-    def __init__(self, state: UserState | None, user: str, js: g.JourneySet) -> None:
-        self.old_wake = next_wake(state)
-        self.st = clone(state) if state else new_state()
-        self.user, self.js, self.fx = user, js, list[Effect]()
+    __slots__ = ("count", "event_props", "js", "old_wake", "seg_before", "seg_tracking", "sink", "st", "user")
+
+    def __init__(self, st: UserState, user: str, js: g.JourneySet, sink: Sink) -> None:
+        self.old_wake = next_wake(st)
+        self.st, self.user, self.js, self.sink = st, user, js, sink
+        self.count = sink.count
         self.event_props: Mapping[str, Any] | None = None
+        # segment membership as it was before this input changed the profile or a history (taken
+        # lazily, at the first such change): None while nothing that segments read has changed
+        self.seg_before: dict[str, bool] | None = None
+        self.seg_tracking = False  # on while an event or a profile update is applied
 
     # --- inputs ---------------------------------------------------------------------------
 
     def apply(self, inp: Input, now: int) -> None:
         clock = self.st["clock"]
-        self.advance(now)
+        if self.old_wake is not None and self.old_wake <= now:
+            self.advance(now)
         match inp:
             case Event():
                 self.on_event(inp, now)
@@ -113,64 +151,78 @@ class _Run:
         if clock > now:  # a late input may have started waits that are already over
             self.advance(clock)
 
-    def finish(self, now: int) -> Result:
+    def finish(self, now: int) -> None:
         st = self.st
-        st["clock"] = max(st["clock"], now)
-        for jid in [j for j, d in st["attribution"].items() if d["until"] < st["clock"]]:
-            del st["attribution"][jid]
+        if now > st["clock"]:
+            st["clock"] = now
+        attribution = st["attribution"]
+        if attribution:
+            clock = st["clock"]
+            for jid in [j for j, d in attribution.items() if d["until"] < clock]:
+                del attribution[jid]
         new = next_wake(st)
         if new != self.old_wake:
-            if self.old_wake is not None:
-                self.fx.append(TimerCleared(self.user, self.old_wake))
-            if new is not None:
-                self.fx.append(TimerSet(self.user, new))
-        return Result(st, self.fx)
+            self.sink.timer(self.user, self.old_wake, new)
 
     def on_event(self, ev: Event, t: int) -> None:
         st, js = self.st, self.js
         self.event_props = ev.props
-        before = self.segments_now(t) if js.segment_triggered else None
-        for c in js.counters_by_event.get(ev.name, ()):
-            if c.where(ev.props):
-                self.remember(c.id, ev.ts, c.keep_ms, c.keep_n)
-        for jid in sorted(st["instances"]):
+        self.seg_tracking = True
+        instances, name, props = st["instances"], ev.name, ev.props
+        counters = js.counters_by_event.get(name)
+        if counters:
+            for c in counters:
+                if c.where(props):
+                    self.touch_segments(t)
+                    self.remember(c.id, ev.ts, c.keep_ms, c.keep_n)
+        for jid in (sorted(instances) if len(instances) > 1 else list(instances)) if instances else ():
             j = self.journey_of(jid, t)
-            if j is None:
+            if j is None or name not in j.listens:
                 continue
-            node = j.steps[st["instances"][jid]["step"]]
+            node = j.steps[instances[jid]["step"]]
             # a step waiting for exactly this event takes its "performed" branch, even when the
             # event is also the goal or an exit: the flow says explicitly what happens next
-            performed = isinstance(node, g.WaitFor) and node.event == ev.name and node.where(ev.props)
-            if j.goal and j.goal.rule.event == ev.name and j.goal.rule.where(ev.props):
+            performed = isinstance(node, g.WaitFor) and node.event == name and node.where(props)
+            goal = j.goal
+            if goal and goal.rule.event == name and goal.rule.where(props):
                 self.convert(j, t)
-                if j.goal.exit and not performed:
+                if goal.exit and not performed:
                     self.exit(j, "converted", t)
                     continue
-            if not performed and any(r.event == ev.name and r.where(ev.props) for r in j.exits):
+            if not performed and self.exit_rule_matches(j, name, props):
                 self.exit(j, "exit_event", t)
                 continue
             if performed:
                 assert isinstance(node, g.WaitFor)
                 self.count("step", j.id, f"{node.id}:performed")
                 self.move(j, node.next, t)
-        for jid, done in list(st["attribution"].items()):
+        for jid, done in list(st["attribution"].items()) if st["attribution"] else ():
             j = js.journeys.get(jid)
             if j and j.goal and j.goal.rule.event == ev.name and t <= done["until"] and j.goal.rule.where(ev.props):
                 del st["attribution"][jid]
                 self.count("converted", jid, "after_exit")
-        for j in js.by_trigger.get(ev.name, ()):
-            if j.entry.where(ev.props):
-                self.try_enter(j, t, dict(ev.props), ev.event_id)
-        if before is not None:
-            self.segment_entries(before, t)
+        for j in js.by_trigger.get(name, ()):
+            if j.entry.where(props):
+                self.try_enter(j, t, dict(props), ev.event_id)
+        if self.seg_before is not None:
+            self.segment_entries(t)
+        self.seg_tracking = False
         self.event_props = None
 
+    @staticmethod
+    def exit_rule_matches(j: g.Journey, name: str, props: Mapping[str, Any]) -> bool:
+        for r in j.exits:  # noqa: SIM110 - a loop: no generator made per event
+            if r.event == name and r.where(props):
+                return True
+        return False
+
     def on_profile(self, attrs: Mapping[str, Any], t: int) -> None:
-        before = self.segments_now(t) if self.js.segment_triggered else None
+        self.seg_tracking = True
         profile = self.st["profile"]
         changed = {}
         for k, v in attrs.items():
             if profile.get(k) != v:
+                self.touch_segments(t)
                 changed[k] = v
                 if v is None:
                     profile.pop(k, None)
@@ -179,8 +231,7 @@ class _Run:
         for j in self.js.journeys.values():
             if j.entry.attribute_changed and j.entry.attribute_changed in changed:
                 self.try_enter(j, t, dict(attrs), None)
-        if before is not None:
-            self.segment_entries(before, t)
+        self.segment_entries(t)
 
     def on_enroll(self, inp: Enroll, t: int) -> None:
         j = self.js.journeys.get(inp.journey)
@@ -215,7 +266,16 @@ class _Run:
         names = {n for j in self.js.segment_triggered for n in (j.entry.segment_entered, j.entry.segment_left) if n}
         return {n: self.in_segment(n, t) for n in sorted(names)}
 
-    def segment_entries(self, before: dict[str, bool], t: int) -> None:
+    def touch_segments(self, t: int) -> None:
+        """Called before the profile or a history changes: remember segment membership as it was."""
+        if self.seg_tracking and self.seg_before is None and self.js.segment_triggered:
+            self.seg_before = self.segments_now(t)
+
+    def segment_entries(self, t: int) -> None:
+        """Enter segment-triggered journeys whose segment membership flipped since touch_segments."""
+        before, self.seg_before, self.seg_tracking = self.seg_before, None, False
+        if before is None:
+            return
         after = self.segments_now(t)
         for j in self.js.segment_triggered:
             e = j.entry
@@ -260,7 +320,9 @@ class _Run:
             return "audience"
         if j.id in st["instances"] and not e.restart:
             return "already_in_journey"
-        hist = st["entries"].get(j.id, {"count": 0, "times": []})
+        hist = st["entries"].get(j.id)
+        if hist is None:
+            return None
         if e.once and hist["count"] > 0:
             return "once"
         if e.lock is not None and hist["times"] and t < hist["times"][-1] + e.lock:
@@ -272,16 +334,25 @@ class _Run:
         return None
 
     def try_enter(self, j: g.Journey, t: int, trigger: dict[str, Any], event_id: str | None) -> None:
-        reason = self.refusal(j, t)
+        st = self.st
+        if j.entry.open and j.status == "active":  # the common case, without the general checks
+            reason = None if j.entry.restart or j.id not in st["instances"] else "already_in_journey"
+        else:
+            reason = self.refusal(j, t)
         if reason is not None:
             self.count("skipped", j.id, reason)
             return
-        st = self.st
         if j.id in st["instances"]:
             self.exit(j, "restarted", t)
-        hist = st["entries"].get(j.id, {"count": 0, "times": []})
-        n = hist["count"] + 1
-        st["entries"][j.id] = {"count": n, "times": [*hist["times"], t][-max(j.entry.cap_max or 1, 1) :]}
+        hist = st["entries"].get(j.id)
+        keep = j.entry.cap_max or 1  # entry times needed: the last one (lock), or as many as the cap
+        if hist is None:
+            n = 1
+            st["entries"][j.id] = {"count": 1, "times": [t]}
+        else:
+            n = hist["count"] + 1
+            times = hist["times"]
+            hist["count"], hist["times"] = n, [*times[max(0, len(times) + 1 - keep) :], t] if keep > 1 else [t]
         st["attribution"].pop(j.id, None)
         st["instances"][j.id] = {
             "version": j.version,
@@ -297,21 +368,27 @@ class _Run:
             "vars": {},
             "converted": False,
         }
-        self.count("entered", j.id)
+        self.count("entered", j.id, "")
         self.run(j, t)
-        self.replay_later(j, t)
+        if st["history"]:
+            self.replay_later(j, t)
 
     def replay_later(self, j: g.Journey, t: int) -> None:
         """A goal or exit event that happened after the trigger but was processed before it (inputs
         from different topics can arrive out of order): apply it now, at its own time, after the
         steps that were due before it."""
-        pending = []
-        if j.goal and (seen := self.last_seen(j.goal.rule.counter)) is not None and seen > t:
-            pending.append((seen, 0))
-        pending += [(seen, 1) for r in j.exits if (seen := self.last_seen(r.counter)) is not None and seen > t]
-        if not pending:
+        history = self.st["history"]
+        if not history:
             return
-        at, kind = min(pending)
+        first: tuple[int, int] | None = None
+        if j.goal and (h := history.get(j.goal.rule.counter)) and h[-1] > t:
+            first = (h[-1], 0)
+        for r in j.exits:
+            if (h := history.get(r.counter)) and h[-1] > t and (first is None or (h[-1], 1) < first):
+                first = (h[-1], 1)
+        if first is None:
+            return
+        at, kind = first
         st = self.st
         while (inst := st["instances"].get(j.id)) is not None and (due := inst["wake"]) is not None and due <= at:
             self.wake(j, due)
@@ -334,7 +411,7 @@ class _Run:
         assert j.goal is not None
         if j.goal.within is None or t <= inst["entered"] + j.goal.within:
             inst["converted"] = True
-            self.count("converted", j.id)
+            self.count("converted", j.id, "")
 
     def exit(self, j: g.Journey, reason: str, t: int) -> None:
         inst = self.st["instances"].pop(j.id)
@@ -363,11 +440,16 @@ class _Run:
 
     def advance(self, until: int) -> None:
         """Run every instance whose wake time is <= until, earliest first, each at its own due time."""
-        while True:
-            due = [(w, jid) for jid, i in self.st["instances"].items() if (w := i["wake"]) is not None and w <= until]
-            if not due:
+        instances = self.st["instances"]
+        while instances:
+            first: tuple[int, str] | None = None
+            for jid, i in instances.items():
+                w = i["wake"]
+                if w is not None and w <= until and (first is None or (w, jid) < first):
+                    first = (w, jid)
+            if first is None:
                 return
-            wake, jid = min(due)
+            wake, jid = first
             j = self.journey_of(jid, wake)
             if j is not None:
                 self.wake(j, wake)
@@ -466,7 +548,7 @@ class _Run:
             self.count("unreachable", j.id, node.id)
             return node.next
         key = idempotency_key(j.id, self.user, inst["entry_no"], node.id, inst["moves"])
-        self.fx.append(self.render(j, inst, node.id, msg, key, t))
+        self.sink.emit(self.render(j, inst, node.id, msg, key, t))
         self.count("sent", j.id, msg.channel)
         return node.next
 
@@ -510,6 +592,7 @@ class _Run:
         return target
 
     def run_update(self, j: g.Journey, inst: Instance, node: g.Update, t: int) -> str:
+        self.touch_segments(t)
         profile, changes = self.st["profile"], dict[str, Any]()
         rendered = render_value(node.set, {**self.context(j, inst), "now": t})
         for k, v in rendered.items():
@@ -522,7 +605,7 @@ class _Run:
         for k in node.unset:
             profile.pop(k, None)
             changes[k] = None
-        self.fx.append(ProfileChanged(self.user, changes, t))
+        self.sink.emit(ProfileChanged(self.user, changes, t))
         return node.next
 
     def run_call(self, j: g.Journey, inst: Instance, node: g.Call, t: int) -> None:
@@ -530,7 +613,7 @@ class _Run:
         key = idempotency_key(j.id, self.user, inst["entry_no"], node.id, inst["moves"])
         inst["call"] = key
         inst["wake"] = t + node.timeout
-        self.fx.append(
+        self.sink.emit(
             CallRequest(
                 key=key,
                 user_id=self.user,
@@ -575,9 +658,6 @@ class _Run:
             trigger_event_id=inst["trigger_event_id"],
             fallback=fallback,
         )
-
-    def count(self, kind: CountKind, journey: str, detail: str = "") -> None:
-        self.fx.append(Count(kind, journey, detail))
 
 
 def _goto(inst: Instance, step: str, t: int) -> None:

@@ -139,6 +139,12 @@ class Entry:
     restart: bool = False
     starts_at: int | None = None
     ends_at: int | None = None
+    # no schedule, audience, eligibility, lock or cap: only "already in the journey" can refuse
+    open: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        plain = not (self.starts_at or self.ends_at or self.audience or self.once or self.lock or self.cap_max)
+        object.__setattr__(self, "open", plain)
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +167,13 @@ class Journey:
     first: str
     file: str
     digest: str = ""  # content hash of the file (compiler.content_digest): edits without a version bump
+    listens: frozenset[str] = field(init=False)  # events that matter to a user in it: goal, exits, wait_for
+
+    def __post_init__(self) -> None:
+        names = {r.event for r in self.exits} | {n.event for n in self.steps.values() if isinstance(n, WaitFor)}
+        if self.goal is not None:
+            names.add(self.goal.rule.event)
+        object.__setattr__(self, "listens", frozenset(names))
 
 
 @dataclass(frozen=True)

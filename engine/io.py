@@ -1,15 +1,17 @@
-"""What goes into the engine (inputs) and what comes out (effects). Plain, immutable data."""
+"""What goes into the engine (inputs) and what comes out (effects). Plain data, never changed
+once made (not `frozen`: frozen dataclasses cost three times as much to create, and the worker
+makes several per event)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from nudgeflow.engine.state import UserState
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Event:
     """Something a user did: page_viewed, add_to_cart, charged or any custom event."""
 
@@ -20,14 +22,14 @@ class Event:
     event_id: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Tick:
     """A timer fired: the engine runs every step of this user that is due at `now`."""
 
     user_id: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ProfileUpdate:
     """Profile attributes changed (None removes an attribute)."""
 
@@ -36,7 +38,7 @@ class ProfileUpdate:
     attributes: Mapping[str, Any]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Enroll:
     """A one-off entry of a user into a journey with `entry: {enrolled: true}` (CSV upload)."""
 
@@ -46,7 +48,7 @@ class Enroll:
     props: Mapping[str, Any] = field(default_factory=dict)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class CallResult:
     """The answer to a CallRequest (a webhook / recommendation API call)."""
 
@@ -56,7 +58,7 @@ class CallResult:
     body: Any = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Feedback:
     """Delivery feedback from a sender: 'unreachable' or 'reachable' on a channel."""
 
@@ -68,7 +70,7 @@ class Feedback:
 Input = Event | Tick | ProfileUpdate | Enroll | CallResult | Feedback
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class SendRequest:
     """A message to deliver; goes onto the channel's topic. `key` is the idempotency key."""
 
@@ -87,7 +89,7 @@ class SendRequest:
     fallback: SendRequest | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class CallRequest:
     """Call an HTTP API for a user; the answer comes back as CallResult with the same key."""
 
@@ -106,7 +108,7 @@ class CallRequest:
 CountKind = Literal["entered", "skipped", "exited", "converted", "visit", "step", "unreachable", "sent"]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Count:
     """An analytics count. `detail` by kind: skipped/exited -> reason; converted -> "" or
     "after_exit"; visit/unreachable -> step id; step -> "<step>:<outcome>"; sent -> channel."""
@@ -116,7 +118,7 @@ class Count:
     detail: str = ""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ProfileChanged:
     """A journey's `update` step changed profile attributes (for a profile sink)."""
 
@@ -125,13 +127,13 @@ class ProfileChanged:
     ts: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class TimerSet:
     user_id: str
     due: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class TimerCleared:
     user_id: str
     due: int
@@ -140,7 +142,19 @@ class TimerCleared:
 Effect = SendRequest | CallRequest | Count | ProfileChanged | TimerSet | TimerCleared
 
 
-@dataclass(frozen=True, slots=True)
+class Sink(Protocol):
+    """Where the engine reports what an input caused (`core.apply`). `core.EffectList` keeps effect
+    objects; the worker's batch core tallies counts and encodes messages as they come."""
+
+    def count(self, kind: CountKind, journey: str, detail: str) -> None: ...
+
+    def emit(self, fx: SendRequest | CallRequest | ProfileChanged) -> None: ...
+
+    def timer(self, user: str, old: int | None, new: int | None) -> None:
+        """The user's next wake-up moved from `old` to `new` (either may be None)."""
+
+
+@dataclass(slots=True)
 class Result:
     state: UserState
     effects: list[Effect]

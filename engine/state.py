@@ -57,10 +57,13 @@ def new_state() -> UserState:
 
 def next_wake(state: UserState | None) -> int | None:
     """The earliest time any of this user's instances must run, or None."""
-    if not state:
-        return None
-    wakes = [w for i in state["instances"].values() if (w := i["wake"]) is not None]
-    return min(wakes) if wakes else None
+    first = None
+    if state:
+        for i in state["instances"].values():
+            w = i["wake"]
+            if w is not None and (first is None or w < first):
+                first = w
+    return first
 
 
 def clone(s: UserState) -> UserState:

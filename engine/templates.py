@@ -12,8 +12,9 @@ import datetime as dt
 from collections.abc import Mapping
 from typing import Any
 
-from jinja2 import TemplateSyntaxError
+from jinja2 import TemplateSyntaxError, nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+from markupsafe import escape
 
 from nudgeflow.engine.errors import NudgeflowError
 from nudgeflow.engine.timeparse import parse_iso
@@ -61,27 +62,76 @@ class TemplateError(NudgeflowError, ValueError):
         super().__init__(problem)
 
 
-class Text:
-    """A compiled template string; plain strings skip Jinja entirely."""
+Path = tuple[str, ...]
 
-    __slots__ = ("_tpl", "source")
+
+class Text:
+    """A compiled template string; plain strings skip Jinja entirely, and so do templates made only
+    of text and `{{ a.b.c }}` lookups (optionally `| default(...)`) whenever every value they look
+    up is present and plain (text, number, bool, null): the result is what Jinja would render."""
+
+    __slots__ = ("_fast", "_html", "_tpl", "source")
 
     def __init__(self, source: str, html: bool = False) -> None:
-        self.source = source
+        self.source, self._html = source, html
         self._tpl = None
+        self._fast: list[str | Path] | None = None
         if "{{" in source or "{%" in source:
+            env = _HTML if html else _TEXT
             try:
-                self._tpl = (_HTML if html else _TEXT).from_string(source)
+                self._tpl = env.from_string(source)
+                self._fast = _lookups_only(env.parse(source))
             except TemplateSyntaxError as e:
                 raise TemplateError(f"template error: {e.message}", e.lineno) from None
 
     def render(self, ctx: Mapping[str, Any]) -> str:
         if self._tpl is None:
             return self.source
+        if self._fast is not None and (text := self._render_fast(self._fast, ctx)) is not None:
+            return text
         try:
             return self._tpl.render(ctx)
         except Exception as e:  # a bad value must not stop a journey; the text says what broke
             return f"[template error: {type(e).__name__}]"
+
+    def _render_fast(self, parts: list[str | Path], ctx: Mapping[str, Any]) -> str | None:
+        out = []
+        for part in parts:
+            if isinstance(part, str):
+                out.append(part)
+                continue
+            v: Any = ctx
+            for key in part:
+                if not isinstance(v, Mapping) or key not in v:
+                    return None  # missing: Jinja decides (default filter, dict attributes, ...)
+                v = v[key]
+            if v is not None and not isinstance(v, (str, int, float)):
+                return None
+            out.append(str(escape(v)) if self._html else str(v))
+        return "".join(out)
+
+
+def _lookups_only(tpl: nodes.Template) -> list[str | Path] | None:
+    """The template as text and lookup paths, or None when it uses anything else."""
+    if len(tpl.body) != 1 or not isinstance(tpl.body[0], nodes.Output):
+        return None
+    parts: list[str | Path] = []
+    for node in tpl.body[0].nodes:
+        if isinstance(node, nodes.TemplateData):
+            parts.append(node.data)
+            continue
+        if isinstance(node, nodes.Filter):  # `default` only changes what a missing value renders as
+            if node.name != "default" or node.kwargs or node.dyn_args or node.dyn_kwargs or node.node is None:
+                return None
+            node = node.node
+        path: list[str] = []
+        while isinstance(node, nodes.Getattr):
+            path.append(node.attr)
+            node = node.node
+        if not isinstance(node, nodes.Name):
+            return None
+        parts.append((node.name, *reversed(path)))
+    return parts
 
 
 def compile_value(value: Any, html: bool = False) -> Any:

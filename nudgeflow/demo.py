@@ -137,7 +137,6 @@ def run_demo(users: int, rate: float, duration: float, journeys: list[Path], met
             "NUDGEFLOW_SESSION_TIMEOUT_S": "6",
             "NUDGEFLOW_REBALANCE_TIMEOUT_S": "6",
             "NUDGEFLOW_HEARTBEAT_S": "1",
-            "NUDGEFLOW_CHANGELOG_END_MARKER": "true",  # Tansu: see Settings.changelog_end_marker
         }
         cli = [sys.executable, "-m", "nudgeflow.cli"]
         worker_cmd = [*cli, "run", "--metrics-port", str(metrics_port), "--log-file", str(work / "worker.log")]

@@ -40,8 +40,17 @@ class Settings(BaseSettings):
         description="consumer fetch size per partition: at least the brokers' message.max.bytes, so that no "
         "message the broker accepts is skipped unseen",
     )
-    batch_max: int = Field(1000, ge=1, description="messages per processing batch")
-    batch_within_ms: int = Field(50, ge=1, description="max wait to fill a batch")
+    batch_max: int = Field(10_000, ge=1, description="input messages per processing batch, at most")
+    batch_within_ms: int = Field(50, ge=1, description="how long an idle worker waits for input before it looks again")
+    cache_users: int = Field(
+        100_000, ge=0, description="user records kept decoded in memory between batches (least recently used go)"
+    )
+    input_idle_ms: int = Field(
+        500,
+        ge=0,
+        description="an input partition read to its end with nothing new for this long no longer holds back "
+        "other topics' inputs or timers (README 'How it stays correct')",
+    )
     timer_interval_ms: int = Field(200, ge=10, description="how often due timers are scanned")
     timer_grace_ms: int = Field(0, ge=0, description="fire timers this long after due (late events)")
     timer_fire_limit: int = Field(2000, ge=1, description="max ticks per partition per scan")
@@ -51,12 +60,6 @@ class Settings(BaseSettings):
     block_cache_mb: int = Field(32, description="RocksDB block cache per table partition")
     write_buffer_mb: int = Field(
         16, description="RocksDB memtable size per table partition (two of them at most); Faust's default is 64 x 3"
-    )
-    changelog_end_marker: bool = Field(
-        False,
-        description="end each batch's changelog records with a one-record batch per partition: needed on Tansu, "
-        "whose ListOffsets(latest) answers the last batch's base offset + 1, so a restore would miss the rest "
-        "of that batch; on by default with the embedded broker",
     )
     accept_edited_journeys: bool = Field(
         False,

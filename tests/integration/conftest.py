@@ -71,7 +71,6 @@ class Worker:
             "NUDGEFLOW_REBALANCE_TIMEOUT_S": "6",
             "NUDGEFLOW_HEARTBEAT_S": "1",
             "NUDGEFLOW_TIMER_INTERVAL_MS": "100",
-            "NUDGEFLOW_CHANGELOG_END_MARKER": "true",  # Tansu (see Settings)
             "NUDGEFLOW_LOG_FILE": str(self.log),
             **self.extra_env,
         }

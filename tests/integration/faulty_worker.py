@@ -10,17 +10,17 @@ from typing import Any
 
 from nudgeflow.engine import core
 
-_real = core.process
+_real = core.apply
 
 
-def _faulty(state: Any, inp: Any, now: int, js: Any) -> Any:
+def _faulty(state: Any, inp: Any, now: int, js: Any, sink: Any) -> None:
     if inp.user_id.startswith("boom"):
         raise RuntimeError("injected engine fault")
-    return _real(state, inp, now, js)
+    _real(state, inp, now, js, sink)
 
 
 if __name__ == "__main__":
-    core.process = _faulty
+    core.apply = _faulty
     from nudgeflow.cli import main
 
     main()

@@ -1,43 +1,107 @@
-"""The event-time aligner: per-partition time order across topics, held while a topic lags."""
+"""The event-time aligner: per-partition time order across topics, and the timer gate."""
+
+from __future__ import annotations
 
 from nudgeflow.agents.align import Aligner
+from nudgeflow.agents.batch import Item
+from nudgeflow.engine.io import Event
 
 TOPICS = ("add_to_cart", "charged")
 
 
-def test_releases_in_time_order_across_topics_once_nothing_lags() -> None:
-    a: Aligner[str] = Aligner(TOPICS)
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def aligner(clock: Clock, max_held: int = 100) -> Aligner:
+    a = Aligner(TOPICS, idle_ms=500, max_held=max_held, clock=clock)
+    a.track([0, 1], TOPICS)
+    return a
+
+
+def add(a: Aligner, topic: str, offset: int, at: int, p: int = 0) -> bool:
+    a.note_read(topic, p, offset, a.clock())
+    return a.add(Item(topic, p, offset, Event("u", topic, at), at))
+
+
+def names(items: list[Item]) -> list[str]:
+    return [f"{i.topic[0]}{i.at}" for i in items]
+
+
+def test_releases_in_time_order_once_no_other_topic_can_deliver_an_earlier_input() -> None:
+    clock = Clock()
+    a = aligner(clock)
     for off, ts in enumerate((100, 300, 500)):
-        assert a.add("add_to_cart", 0, off, ts, f"a{ts}") == []
-    a.add("charged", 0, 0, 200, "c200")
-    # charged has more to read: only what is older than its buffered head may go
-    lag = {("charged", 0): True, ("add_to_cart", 0): False}
-    assert a.release(lambda t, p: lag[(t, p)]) == ["a100", "c200"]
-    # nothing buffered for charged and it still lags: a300 must wait
-    assert a.release(lambda t, p: lag[(t, p)]) == []
-    a.add("charged", 0, 1, 400, "c400")
-    lag[("charged", 0)] = False
-    assert a.release(lambda t, p: lag[(t, p)]) == ["a300", "c400", "a500"]
-    assert a.held == 0
+        assert add(a, "add_to_cart", off, ts)
+    assert a.release() == []  # charged has delivered nothing and is not known to be at its end
+    add(a, "charged", 0, 200)
+    # charged's later inputs are not earlier than 200 (each topic-partition is in time order)
+    assert names(a.release()) == ["a100", "c200"]
+    add(a, "charged", 1, 400)
+    assert names(a.release()) == ["a300", "c400"]
+    assert a.held == 1 and a.position("add_to_cart", 0) == 2 and a.position("charged", 0) == 2
+
+
+def test_a_quiet_topic_holds_nothing_back_but_a_topic_just_read_to_its_end_does() -> None:
+    clock = Clock()
+    a = aligner(clock)
+    add(a, "add_to_cart", 0, 100)
+    a.note_end("charged", 0, 0)  # empty, read to its end: maybe something arrives right now
+    assert a.release() == []
+    clock.now += 0.6  # nothing new for longer than idle_ms: quiet
+    assert names(a.release()) == ["a100"]
+    assert a.gate(0) == 100  # add_to_cart may still deliver something from 100 on
+    a.note_end("add_to_cart", 0, 1)
+    clock.now += 0.6
+    assert a.gate(0) == float("inf")  # everything quiet: timers follow the wall clock
+
+
+def test_timers_wait_for_every_input_to_pass_their_due_time() -> None:
+    clock = Clock()
+    a = aligner(clock)
+    assert a.gate(0) == float("-inf")  # nothing read yet: hold every timer
+    add(a, "add_to_cart", 0, 100)
+    add(a, "charged", 0, 250)
+    a.release()
+    assert a.gate(0) == 100  # add_to_cart has delivered up to 100 only
+    add(a, "add_to_cart", 1, 300)
+    assert names(a.release()) == ["c250"]  # a300 waits for charged
+    assert a.gate(0) == 250
+    a.note_end("add_to_cart", 0, 2)
+    a.note_end("charged", 0, 1)
+    clock.now += 1
+    assert names(a.release()) == ["a300"] and a.gate(0) == float("inf")
 
 
 def test_partitions_are_independent_and_other_topics_pass_through() -> None:
-    a: Aligner[str] = Aligner(TOPICS)
-    a.add("add_to_cart", 0, 0, 100, "p0")
-    a.add("add_to_cart", 1, 0, 100, "p1")
-    assert a.add("nudgeflow.ticks", 0, 0, 999, "tick") == ["tick"]
-    assert a.release(lambda t, p: p == 0) == ["p1"]  # partition 0's charged lags
+    clock = Clock()
+    a = aligner(clock)
+    add(a, "add_to_cart", 0, 100, p=0)
+    add(a, "add_to_cart", 0, 100, p=1)
+    add(a, "charged", 0, 150, p=1)
+    assert not a.add(Item("nudgeflow.feedback", 0, 0, Event("u", "x", 1), 1))
+    assert [(i.partition, i.at) for i in a.release()] == [(1, 100)]  # partition 0's charged may lag
 
 
-def test_a_stalled_topic_cannot_hold_more_than_max_held() -> None:
-    a: Aligner[int] = Aligner(TOPICS, max_held=2)
-    for i in range(5):
-        a.add("add_to_cart", 0, i, i, i)
-    assert a.release(lambda t, p: True) == [0, 1, 2]
-    assert a.forced == 3 and a.held == 2
+def test_a_partition_holding_too_much_pauses_the_topics_ahead_until_half_is_released() -> None:
+    clock = Clock()
+    a = aligner(clock, max_held=4)
+    for off in range(6):
+        add(a, "add_to_cart", off, 100 + off)
+    assert a.release() == [] and a.flow() == ([("add_to_cart", 0)], [])
+    assert a.flow() == ([], [])  # asked once
+    add(a, "charged", 0, 103)
+    assert names(a.release()) == ["a100", "a101", "a102", "a103", "c103"] and a.held == 2
+    assert a.flow() == ([], [("add_to_cart", 0)])
 
 
-def test_drop_forgets_revoked_partitions() -> None:
-    a: Aligner[str] = Aligner(TOPICS)
-    a.add("add_to_cart", 3, 0, 1, "x")
-    assert a.drop([3]) == ["x"] and a.held == 0 and a.release(lambda t, p: False) == []
+def test_reset_forgets_held_inputs_and_positions() -> None:
+    clock = Clock()
+    a = aligner(clock)
+    add(a, "add_to_cart", 7, 1)
+    a.reset()
+    assert a.held == 0 and a.release() == [] and a.position("add_to_cart", 0) is None

@@ -9,7 +9,7 @@ from nudgeflow.agents.output import DeliveryError, Output
 
 class Flaky(Output):
     def __init__(self, failures: int) -> None:
-        super().__init__("127.0.0.1:1")  # never contacted: flush is replaced
+        super().__init__({"bootstrap.servers": "127.0.0.1:1"})  # never contacted: flush is replaced
         self.failures, self.flushes = failures, 0
 
     async def flush(self, timeout: float = 30.0) -> None:

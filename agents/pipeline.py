@@ -1,0 +1,321 @@
+"""The worker's hot path: read inputs, order them, apply them, make the results durable.
+
+One loop does everything that touches user state, so nothing needs a lock:
+
+    read a fetch of input messages (agents.inputs)      decode, dead-letter the bad ones
+    hold / release them in event-time order (align)      take the due timers (timers)
+    apply the released inputs and ticks (batch)          -> records, sends, positions
+    wait until the previous batch is delivered, write it to RocksDB, count it
+    produce this batch and go round again
+
+so one batch is always in flight while the next is computed. A batch's changelog records, send
+requests, calls and dead letters are produced together; only when every one of them is
+acknowledged is the batch written to the store, with the input positions it reached, and only
+then are its metrics counted. Nothing is acknowledged that is not durable: after a crash the
+inputs are read again from the stored positions and the per-user offsets make the replay a no-op.
+
+Rebalances: when Faust revokes partitions the loop stops at a safe point (the batch in flight
+made durable, or abandoned if it cannot be within the rebalance timeout; the next one dropped),
+and everything in memory is forgotten. When Faust has assigned partitions (and, with nudgeflow's
+Recovery, "recovered" them at once), `assign` restores each partition's store from its changelog
+in bulk (agents.restore), seeks the inputs to their stored positions and starts again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from mode import Service
+
+from nudgeflow.agents import metrics
+from nudgeflow.agents.align import Aligner
+from nudgeflow.agents.batch import BatchCore, BatchOutput, Item
+from nudgeflow.agents.inputs import InputReader
+from nudgeflow.agents.keys import position_key
+from nudgeflow.agents.output import DeliveryError, Output
+from nudgeflow.agents.restore import restore_partition
+from nudgeflow.agents.store import StateStore
+from nudgeflow.agents.timers import TimerScanner
+from nudgeflow.engine.io import Tick
+from nudgeflow.streams.topics import Topics
+
+log = logging.getLogger("nudgeflow.worker")
+
+
+@dataclass
+class PipelineConfig:
+    batch_max: int
+    batch_within_ms: int
+    timer_interval_ms: int
+    revoke_timeout_s: float
+    client_conf: dict[str, Any]
+    app_id: str
+
+
+class Pipeline(Service):
+    """The loop above, started and stopped with the Faust app."""
+
+    def __init__(
+        self,
+        core: BatchCore,
+        store: StateStore,
+        reader: InputReader,
+        output: Output,
+        scanner: TimerScanner,
+        aligner: Aligner,
+        topics: Topics,
+        changelog: str,
+        cfg: PipelineConfig,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.core, self.store, self.reader, self.output = core, store, reader, output
+        self.scanner, self.aligner, self.topics, self.changelog, self.cfg = scanner, aligner, topics, changelog, cfg
+        self.inputs = [*topics.user_inputs, topics.feedback]  # read by this loop (ticks: Faust's)
+        self.partitions: list[int] = []
+        self.ready = False  # partitions assigned and restored
+        self._pause = False  # a rebalance or a stop asked the loop to stand still
+        self._paused = asyncio.Event()
+        self._inflight: BatchOutput | None = None
+        self._inflight_t0, self._inflight_n = 0.0, 0
+        self._assigned_at = 0.0
+        self._last_scan = 0.0
+        self._wake = asyncio.Event()
+        self._stopping = False
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    async def on_start(self) -> None:
+        self.add_future(self._run())
+
+    async def on_stop(self) -> None:
+        self._stopping = True
+        await self.quiesce()
+        self.reader.close()
+        self.output.close()
+
+    async def quiesce(self) -> None:
+        """Stop at a safe point and forget everything in memory (a revoke, a stop)."""
+        self._pause, self.ready = True, False
+        self._wake.set()
+        try:
+            await asyncio.wait_for(self._paused.wait(), self.cfg.revoke_timeout_s)
+        except TimeoutError:
+            log.warning("the batch in flight could not be made durable in time: abandoned (its inputs are read again)")
+        self._forget()
+        self.partitions = []
+
+    def _forget(self) -> None:
+        self._inflight = None
+        self.reader.unassign()
+        self.aligner.reset()
+        self.core.forget()
+        self.scanner.revoke(set(self.scanner.partitions))
+
+    async def assign(self, partitions: Sequence[int]) -> None:
+        """Faust assigned these partitions: restore them, seek the inputs, start."""
+        await self.quiesce()
+        if partitions:
+            await self._start(partitions)
+
+    async def _start(self, partitions: Sequence[int]) -> None:
+        t0 = time.monotonic()
+        loop = asyncio.get_running_loop()
+        total = 0
+        for p in sorted(partitions):
+            done = await loop.run_in_executor(
+                None, restore_partition, self.cfg.client_conf, self.changelog, p, self.store
+            )
+            total += done.records
+            metrics.RESTORED_RECORDS.labels(str(p)).set(done.records)
+            if done.records:
+                log.info("partition %d: %d changelog record(s) restored in %.1fs", p, done.records, done.seconds)
+        positions: dict[tuple[str, int], int | None] = {(t, p): None for t in self.inputs for p in partitions}
+        stored = {(t, p): off for p in partitions for t, off in self.store.positions(p, self.inputs).items()}
+        missing = [tp for tp in positions if tp not in stored]
+        if missing:  # nudgeflow 0.1 kept input offsets in Faust's consumer group
+            fallback = await loop.run_in_executor(
+                None, lambda: self.reader.committed(missing, {**self.cfg.client_conf, "group.id": self.cfg.app_id})
+            )
+            positions.update(fallback)
+        positions.update(stored)
+        self.reader.assign(positions)
+        self.scanner.assign(set(partitions))
+        self.partitions = sorted(partitions)
+        self._assigned_at = time.time()
+        metrics.RESTORE_SECONDS.set(time.monotonic() - t0)
+        log.info(
+            "active partitions %s; %d changelog record(s) restored; pending timers %s",
+            self.partitions,
+            total,
+            dict(self.scanner.pending),
+        )
+        self._pause, self.ready = False, True
+        self._paused.clear()
+        self._wake.set()
+
+    # --- the loop -------------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while not self.should_stop and not self._stopping:
+            if self._pause or not self.ready:
+                await self._stand_still()
+                continue
+            try:
+                await self._step()
+            except Exception:  # never leave the loop: log, forget what is in memory, go on
+                log.exception("batch failed; state is read again from the store")
+                partitions = list(self.partitions)
+                self._forget()
+                await asyncio.sleep(1.0)
+                await self._start(partitions)
+
+    async def _stand_still(self) -> None:
+        if self._inflight is not None:
+            await self._settle()
+        self._paused.set()
+        self._wake.clear()
+        if self._pause or not self.ready:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), 1.0)
+
+    async def _step(self) -> None:
+        t0 = time.perf_counter()
+        cfg, reader = self.cfg, self.reader
+        msgs = reader.poll(cfg.batch_max, 0)
+        if not msgs and self._inflight is None and not self.aligner.held:
+            wait = min(cfg.batch_within_ms, cfg.timer_interval_ms) / 1000
+            msgs = await reader.poll_wait(cfg.batch_max, wait)
+        if self._pause:
+            return  # read but not applied: the positions say where to read again
+        out = BatchOutput()
+        items = self.core.decode(msgs, out)
+        ready: list[Item] = []
+        aligner = self.aligner
+        for item in items:
+            if not aligner.add(item):
+                ready.append(item)
+        ready += aligner.release()
+        pause, resume = aligner.flow()
+        reader.pause(pause)
+        reader.resume(resume)
+        now = time.time()
+        if now - self._last_scan >= cfg.timer_interval_ms / 1000:
+            self._last_scan = now
+            ready += self._due_ticks(now)
+        self.core.apply(ready, self.store, out)
+        self._positions(out, msgs)
+        await self._settle()
+        if self._pause:
+            return  # computed on top of what will be forgotten: dropped
+        if out.writes or out.records or out.local:
+            self._produce(out)
+            self._inflight, self._inflight_t0 = out, t0
+            self._inflight_n = len(msgs)
+        else:  # nothing to make durable: count it now
+            self._account(out, len(msgs), t0)
+
+    def _due_ticks(self, now: float) -> list[Item]:
+        aligner, ticks_topic = self.aligner, self.topics.ticks
+        gates = {p: aligner.gate(p) for p in self.scanner.partitions}
+        for p, gate in gates.items():
+            if gate == float("inf"):
+                lag = 0.0  # every input quiet: timers follow the wall clock
+            elif gate == float("-inf"):
+                lag = now - self._assigned_at  # an input not read yet: held since the assignment
+            else:
+                lag = max(0.0, now - gate / 1000)
+            metrics.EVENT_TIME_LAG.labels(str(p)).set(lag)
+        due = self.scanner.collect_due(int(now * 1000), lambda p: gates.get(p, float("-inf")))
+        return [Item(ticks_topic, p, -1, Tick(user), at) for p, at, user in due]
+
+    def _positions(self, out: BatchOutput, msgs: list[Any]) -> None:
+        """Where each input read in this batch resumes once the batch is durable."""
+        if not msgs:
+            return
+        seen = {(m.topic(), m.partition()) for m in msgs}
+        aligner = self.aligner
+        for topic, p in seen:
+            pos = aligner.position(topic, p)
+            if pos is not None:
+                out.writes.setdefault(p, []).append((position_key(topic), b"%d" % pos))
+                out.positions[(topic, p)] = pos
+
+    def _produce(self, out: BatchOutput) -> None:
+        produce, changelog = self.output.produce, self.changelog
+        for p, writes in out.writes.items():
+            for key, value in writes:
+                produce(changelog, value, key, p)
+        for r in out.records:
+            produce(r.topic, r.value, r.key, r.partition, r.headers)
+
+    async def _settle(self) -> None:
+        """The batch in flight: wait until delivered (producing it again after a failure), then
+        write it to the store and count it. A rebalance or stop gives up on a failing batch."""
+        out = self._inflight
+        if out is None:
+            return
+        attempts = await self.output.deliver(
+            lambda: self._produce(out), self._delivery_failed, should_stop=lambda: self._pause, produced=True
+        )
+        if attempts == 0:
+            return  # abandoned: quiesce forgets it, its inputs are read again
+        offsets, self.output.offsets = self.output.offsets, {}
+        self.store.write(out.writes, out.local, offsets)
+        self.core.written(out)
+        self._inflight = None
+        self.reader.commit(out.positions)
+        self._account(out, self._inflight_n, self._inflight_t0)
+        self.core.evict(set())
+
+    def _delivery_failed(self, e: DeliveryError, retry_in: float) -> None:
+        metrics.DELIVERY_FAILURES.inc()
+        log.error("a batch's records could not be written (%s): inputs held, retrying in %.1fs", e, retry_in)
+
+    def _account(self, out: BatchOutput, n: int, t0: float) -> None:
+        now = time.time()
+        base = self.topics.base
+        for topic, k in out.consumed.items():
+            metrics.EVENTS.labels(base(topic)).inc(k)
+        for topic, reason in out.invalid:
+            metrics.INVALID.labels(base(topic), reason).inc()
+        if out.invalid:
+            log.warning("%d invalid message(s) sent to %s", len(out.invalid), self.topics.dead_letter)
+        if out.duplicates:
+            metrics.DUPLICATES.inc(out.duplicates)
+        for user, error in out.quarantined:
+            metrics.QUARANTINED.inc()
+            log.error("user %s quarantined: %s while applying an input (state kept, timers held)", user, error)
+        if out.released:
+            metrics.RELEASED.inc(out.released)
+            log.info("%d quarantined user(s) released", out.released)
+        if out.parked:
+            metrics.PARKED.labels("parked").inc(out.parked)
+        if out.parked_overflow:
+            metrics.PARKED.labels("dead_lettered").inc(out.parked_overflow)
+        metrics.count_many(out.counts)
+        fired = 0
+        for _, due, stale in out.ticks:
+            if stale:
+                metrics.TIMERS_STALE.inc()
+            else:
+                fired += 1
+                metrics.TIMER_LATENESS.observe(max(0.0, now - due / 1000))
+        if fired:
+            metrics.TIMERS_FIRED.inc(fired)
+        if out.timers_cancelled:
+            metrics.TIMERS_CANCELLED.inc(out.timers_cancelled)
+        for p in set(out.timers_set) | set(out.timers_cleared):
+            self.scanner.applied(p, out.timers_set.get(p, 0), out.timers_cleared.get(p, 0))
+        for p, due in out.earliest_timer.items():
+            self.scanner.rewind(p, due)
+        metrics.HELD_INPUTS.set(self.aligner.held)
+        if n:
+            metrics.BATCH_SIZE.observe(n)
+        metrics.BATCH_SECONDS.observe(time.perf_counter() - t0)
