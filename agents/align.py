@@ -7,7 +7,8 @@ holds each partition's inputs and releases the one with the smallest event time 
 input topic of that partition can still deliver an earlier one, which is when that topic
 
 - has an input buffered (its head is not earlier, or it would be the smallest), or
-- has already delivered an input at least as late (each topic-partition is in time order), or
+- has already delivered an input at least as late (each topic-partition is in time order; at
+  equal times, topics go in the order given), or
 - is *quiet*: read up to its end (the fetch high watermark) and nothing new for `idle_ms`.
 
 The same knowledge gates timers: a timer of partition p may fire once every input topic of p is
@@ -55,6 +56,7 @@ class Aligner:
     ) -> None:
         self.event_topics = tuple(event_topics)  # in this order for equal event times
         self._event_topic_set = frozenset(self.event_topics)
+        self._index = {t: i for i, t in enumerate(self.event_topics)}
         self.idle_s, self.max_held, self.clock = idle_ms / 1000, max_held, clock
         self.bufs: dict[int, dict[str, deque[Item]]] = {}
         self.progress: dict[tuple[str, int], Progress] = {}
@@ -117,31 +119,36 @@ class Aligner:
         return pr.newest
 
     def release(self) -> list[Item]:
-        """Everything that can go now, in event-time order per partition."""
+        """Everything that can go now, in (event time, topic order) per partition: inputs of equal
+        time go in the order of `event_topics`, so the order never depends on fetch timing."""
         out: list[Item] = []
-        now = self.clock()
+        now, index = self.clock(), self._index
         for p, bufs in self.bufs.items():
             full = [q for q in bufs.values() if q]
             if not full:
                 continue
-            limit = float("inf")
+            limit = (float("inf"), 0)  # the earliest (time, topic) an open topic may still deliver
             for t, q in bufs.items():
-                if not q:
-                    limit = min(limit, self._open_bound(t, p, now))
+                if not q and (bound := (self._open_bound(t, p, now), index[t])) < limit:
+                    limit = bound
             released = 0
             while full:
-                q = full[0] if len(full) == 1 else min(full, key=_head_at)
+                q = full[0] if len(full) == 1 else min(full, key=self._head_key)
                 head = q[0]
-                if head.at > limit:
+                if (head.at, index[head.topic]) > limit:
                     break
                 out.append(q.popleft())
                 released += 1
                 if not q:
                     full.remove(q)
-                    limit = min(limit, self._open_bound(head.topic, p, now))
+                    if (bound := (self._open_bound(head.topic, p, now), index[head.topic])) < limit:
+                        limit = bound
             self.held -= released
             self.held_in[p] -= released
         return out
+
+    def _head_key(self, q: deque[Item]) -> tuple[int, int]:
+        return q[0].at, self._index[q[0].topic]
 
     def flow(self) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
         """(topic-partitions to pause, to resume): a partition holding more than `max_held` inputs
@@ -185,7 +192,3 @@ class Aligner:
             return q[0].offset
         pr = self.progress.get((topic, partition))
         return pr.read_upto if pr is not None and pr.read_upto >= 0 else None
-
-
-def _head_at(q: deque[Item]) -> int:
-    return q[0].at

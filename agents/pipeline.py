@@ -39,7 +39,7 @@ from nudgeflow.agents.batch import BatchCore, BatchOutput, Item
 from nudgeflow.agents.inputs import InputReader
 from nudgeflow.agents.keys import position_key
 from nudgeflow.agents.output import DeliveryError, Output
-from nudgeflow.agents.restore import restore_partition
+from nudgeflow.agents.restore import restore_partitions
 from nudgeflow.agents.store import StateStore
 from nudgeflow.agents.timers import TimerScanner
 from nudgeflow.engine.io import Tick
@@ -87,7 +87,6 @@ class Pipeline(Service):
         self._assigned_at = 0.0
         self._last_scan = 0.0
         self._wake = asyncio.Event()
-        self._stopping = False
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -95,7 +94,6 @@ class Pipeline(Service):
         self.add_future(self._run())
 
     async def on_stop(self) -> None:
-        self._stopping = True
         await self.quiesce()
         self.reader.close()
         self.output.close()
@@ -128,14 +126,16 @@ class Pipeline(Service):
         t0 = time.monotonic()
         loop = asyncio.get_running_loop()
         total = 0
-        for p in sorted(partitions):
-            done = await loop.run_in_executor(
-                None, restore_partition, self.cfg.client_conf, self.changelog, p, self.store
-            )
+        restored = await loop.run_in_executor(
+            None, restore_partitions, self.cfg.client_conf, self.changelog, sorted(partitions), self.store
+        )
+        for done in restored:
             total += done.records
-            metrics.RESTORED_RECORDS.labels(str(p)).set(done.records)
+            metrics.RESTORED_RECORDS.labels(str(done.partition)).set(done.records)
             if done.records:
-                log.info("partition %d: %d changelog record(s) restored in %.1fs", p, done.records, done.seconds)
+                log.info(
+                    "partition %d: %d changelog record(s) restored in %.1fs", done.partition, done.records, done.seconds
+                )
         positions: dict[tuple[str, int], int | None] = {(t, p): None for t in self.inputs for p in partitions}
         stored = {(t, p): off for p in partitions for t, off in self.store.positions(p, self.inputs).items()}
         missing = [tp for tp in positions if tp not in stored]
@@ -163,18 +163,24 @@ class Pipeline(Service):
     # --- the loop -------------------------------------------------------------------------------
 
     async def _run(self) -> None:
-        while not self.should_stop and not self._stopping:
-            if self._pause or not self.ready:
-                await self._stand_still()
-                continue
-            try:
-                await self._step()
-            except Exception:  # never leave the loop: log, forget what is in memory, go on
-                log.exception("batch failed; state is read again from the store")
-                partitions = list(self.partitions)
-                self._forget()
-                await asyncio.sleep(1.0)
-                await self._start(partitions)
+        try:
+            while not self.should_stop:
+                if self._pause or not self.ready:
+                    await self._stand_still()
+                    continue
+                try:
+                    await self._step()
+                except Exception:  # never leave the loop: log, forget what is in memory, go on
+                    log.exception("batch failed; state is read again from the store")
+                    partitions = list(self.partitions)
+                    self._forget()
+                    await asyncio.sleep(1.0)
+                    await self._start(partitions)
+        finally:  # stopping: the batch in flight is made durable (or given up), then stand still
+            self._pause = True
+            if self._inflight is not None:
+                await self._settle()
+            self._paused.set()
 
     async def _stand_still(self) -> None:
         if self._inflight is not None:

@@ -16,7 +16,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
@@ -39,21 +39,24 @@ class Restored:
     end: int  # the changelog's end (next offset) when done
 
 
-def restore_partition(
+def restore_partitions(
     client_conf: dict[str, Any],
     changelog: str,
-    partition: int,
+    partitions: list[int],
     store: StateStore,
     chunk: int = 20_000,
     idle_timeout: float = 60.0,
     progress: Callable[[int, int], None] | None = None,
     should_stop: Callable[[], bool] = lambda: False,
-) -> Restored:
-    """Bring partition `partition`'s store up to the end of its changelog. `progress(partition,
-    records so far)` is called after every chunk; `should_stop()` aborts between chunks."""
+) -> list[Restored]:
+    """Bring each partition's store up to the end of its changelog, all read by one consumer.
+    `progress(partition, records so far)` is called after every chunk; `should_stop()` aborts
+    between chunks."""
     t0 = time.monotonic()
-    held = store.changelog_offset(partition)
-    start = held + 1 if held is not None else OFFSET_BEGINNING
+    starts = {}
+    for p in partitions:
+        held = store.changelog_offset(p)
+        starts[p] = held + 1 if held is not None else OFFSET_BEGINNING
     consumer = Consumer(
         {
             **client_conf,
@@ -65,42 +68,53 @@ def restore_partition(
             "log_level": 3,
         }
     )
-    n, last, first = 0, held, None
+    pending: dict[int, list[tuple[bytes, bytes | None]]] = {p: [] for p in partitions}
+    last: dict[int, int | None] = {p: None for p in partitions}
+    first: dict[int, int | None] = {p: None for p in partitions}
+    done: dict[int, float] = {}
+    count = dict.fromkeys(partitions, 0)
     try:
-        consumer.assign([TopicPartition(changelog, partition, start)])
-        pending: list[tuple[bytes, bytes | None]] = []
+        consumer.assign([TopicPartition(changelog, p, off) for p, off in starts.items()])
         quiet_since = time.monotonic()
-        while True:
+        while len(done) < len(partitions):
             if should_stop():
-                raise RestoreError(f"restore of {changelog}[{partition}] stopped")
-            msgs = consumer.consume(chunk, 0.5)
-            at_end = False
+                raise RestoreError(f"restore of {changelog} stopped")
+            msgs = consumer.consume(chunk, 0.2)
+            ended = []
             for m in msgs:
+                p = m.partition()
                 err = m.error()
                 if err is not None:
                     if err.code() == KafkaError._PARTITION_EOF:
-                        at_end = True
+                        ended.append(p)
                         continue
-                    raise RestoreError(f"cannot read {changelog}[{partition}]: {err}")
+                    raise RestoreError(f"cannot read {changelog}[{p}]: {err}")
                 key = m.key()
                 if key is not None:
-                    pending.append((key, m.value()))
-                last = m.offset()
-                first = last if first is None else first
+                    pending[p].append((key, m.value()))
+                last[p] = m.offset()
+                if first[p] is None:
+                    first[p] = m.offset()
             if msgs:
                 quiet_since = time.monotonic()
             elif time.monotonic() - quiet_since > idle_timeout:
-                raise RestoreError(f"no answer reading {changelog}[{partition}] for {idle_timeout:.0f}s")
-            if pending and (at_end or len(pending) >= chunk):
-                assert last is not None
-                store.restore(partition, pending, last)
-                n += len(pending)
-                pending = []
-                if progress:
-                    progress(partition, n)
-            if at_end:
-                break
+                raise RestoreError(f"no answer reading {changelog} for {idle_timeout:.0f}s")
+            for p, recs in pending.items():
+                if recs and (p in ended or len(recs) >= chunk):
+                    store.restore(p, recs, cast(int, last[p]))
+                    count[p] += len(recs)
+                    pending[p] = []
+                    if progress:
+                        progress(p, count[p])
+            for p in ended:
+                if p not in done and not pending[p]:
+                    done[p] = time.monotonic() - t0
     finally:
         consumer.close()
-    end = (last + 1) if last is not None else 0
-    return Restored(partition, n, time.monotonic() - t0, first if first is not None else end, end)
+    out = []
+    for p in partitions:
+        lp = last[p]
+        end = lp + 1 if lp is not None else (starts[p] if starts[p] >= 0 else 0)
+        fp = first[p]
+        out.append(Restored(p, count[p], done.get(p, 0.0), fp if fp is not None else end, end))
+    return out

@@ -1,16 +1,25 @@
 """nudgeflow as one more job of the peer benchmark (../shared/peers): same input, same expectation.
 
-    .venv/bin/python bench/peers_compare.py [--n 200000] [--users 20000] [--wait-ms 30000]
+    .venv/bin/python bench/peers_compare.py [--n 1000000] [--users 20000] [--wait-ms 30000]
+        [--workers 1] [--live 0.5,0.9 [--live-seconds 30] [--live-wait-ms 2000] [--join]]
 
-Starts the embedded broker, produces the peers' deterministic input with their gen.py (seed 42:
-add_to_cart / charged, event time = 2026-01-01 + i ms), runs `nudgeflow run` with the same job as
-a journey file (enter on add_to_cart, a newer cart restarts, Charged converts and exits, push after
-the wait), and measures like the peers do: events/s = N / (first -> last processed input event),
-job CPU and peak RSS of the worker, wall time. Then it reads the push topic back and checks the
-result against gen.py's closed form: the sends whose due time is within the partition's final
-event time (the peers' rule; nudgeflow also sends the rest, later, by the wall clock) must equal
-expected_sends, each key once, and conversions must equal expected_conversions.
-Prints one table row per run; exit status 1 on any mismatch.
+Catch-up (always first): starts the embedded broker, produces the peers' deterministic input with
+their gen.py (seed 42: add_to_cart / charged, event time = 2026-01-01 + i ms), runs `--workers`
+`nudgeflow run` processes with the same job as a journey file (enter on add_to_cart, a newer cart
+restarts, Charged converts and exits, push after the wait), and measures like the peers do:
+events/s = N / (first -> last processed input event), CPU seconds and peak RSS of the workers.
+Then it reads the push topic back and checks the result against gen.py's closed form: the sends
+whose due time is within the partition's final event time (the peers' rule; nudgeflow also sends
+the rest, later, by the wall clock) must equal expected_sends, each key once, and conversions
+must equal expected_conversions.
+
+Live (`--live 0.5,0.9`): for each fraction f, fresh workers, then input produced while they run at
+f x the catch-up rate for `--live-seconds`, with event time = the wall clock; `--join` starts the
+second of two workers half way (a rebalance mid-stream). Reports the lateness of each send (the
+push's Kafka timestamp minus its due time: event in, timer fired, send request out) at p50/p99,
+CPU seconds per event, and checks exactness against the same closed form on what was produced.
+
+Prints a table row per run and, last, `RESULT {json}` with every run; exit status 1 on a mismatch.
 """
 
 from __future__ import annotations
@@ -18,16 +27,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
+import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections import Counter
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import orjson
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,6 +51,7 @@ from nudgeflow.streams.topics import Topics  # noqa: E402
 from nudgeflow.worker import all_topics  # noqa: E402
 
 PEERS = ROOT.parent / "shared" / "peers"
+PARTITIONS = 4
 JOURNEY = """\
 journey: peers-cart
 name: the peer benchmark's cart job
@@ -69,7 +84,8 @@ def metrics(port: int) -> dict[str, float]:
     return out
 
 
-def read_all(bootstrap: str, topics: list[str], partitions: int = 4) -> list:  # type: ignore[type-arg]
+def read_all(bootstrap: str, topic: str) -> list[Any]:
+    """Every message of a topic, to each partition's end (fetch EOF: right on Tansu)."""
     c = Consumer(
         {
             "bootstrap.servers": bootstrap,
@@ -79,90 +95,326 @@ def read_all(bootstrap: str, topics: list[str], partitions: int = 4) -> list:  #
             "log_level": 3,
         }
     )
-    c.assign([TopicPartition(t, p, OFFSET_BEGINNING) for t in topics for p in range(partitions)])
+    c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(PARTITIONS)])
     got, eof = [], set()
     deadline = time.time() + 120
-    while len(eof) < len(topics) * partitions and time.time() < deadline:
+    while len(eof) < PARTITIONS and time.time() < deadline:
         for m in c.consume(5000, timeout=0.5):
             if m.error() is None:
                 got.append(m)
+                eof.discard(m.partition())
             elif m.error().code() == KafkaError._PARTITION_EOF:
-                eof.add((m.topic(), m.partition()))
+                eof.add(m.partition())
     c.close()
     return got
 
 
 def proc_stats(pid: int) -> tuple[float, float]:
     """(CPU seconds, peak RSS MiB) of a running process."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        status = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:  # gone
+        return 0.0, 0.0
     cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    hwm = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("VmHWM"))
+    hwm = next((line for line in status if line.startswith("VmHWM")), "VmHWM: 0 kB")  # none while exec'ing
     return cpu, int(hwm.split()[1]) / 1024
 
 
-def run_once(broker: EmbeddedBroker, work: Path, manifest: dict, wait_ms: int, batch: int, rep: int) -> dict:  # type: ignore[type-arg]
-    port = free_port()
-    jdir = work / f"journeys-{rep}"
-    jdir.mkdir(exist_ok=True)
-    (jdir / "cart.yaml").write_text(JOURNEY.format(wait_ms=wait_ms))
-    env = {
-        **os.environ,
-        "NUDGEFLOW_BROKER": f"kafka://{broker.bootstrap}",
-        "NUDGEFLOW_APP_ID": f"bench-{rep}-{int(time.time())}",
-        "NUDGEFLOW_DATA_DIR": str(work / f"data-{rep}"),
-        "NUDGEFLOW_JOURNEYS": json.dumps([str(jdir)]),
-        "NUDGEFLOW_METRICS_PORT": str(port),
-        "NUDGEFLOW_SESSION_TIMEOUT_S": "6",
-        "NUDGEFLOW_REBALANCE_TIMEOUT_S": "6",
-        "NUDGEFLOW_HEARTBEAT_S": "1",
-        "NUDGEFLOW_BATCH_MAX": str(batch),
-        "NUDGEFLOW_LOG_FILE": str(work / f"worker-{rep}.log"),
-    }
-    # each run writes to its own push topic: give it a fresh prefix for the outputs only
+@dataclass
+class Workers:
+    """`nudgeflow run` processes of one consumer group."""
+
+    broker: EmbeddedBroker
+    work: Path
+    tag: str
+    wait_ms: int
+    batch: int
+    prefix: str = ""
+    procs: list[tuple[subprocess.Popen[bytes], int]] = field(default_factory=list)
+
+    def start_one(self) -> None:
+        i = len(self.procs)
+        jdir = self.work / f"journeys-{self.tag}"
+        jdir.mkdir(exist_ok=True)
+        (jdir / "cart.yaml").write_text(JOURNEY.format(wait_ms=self.wait_ms))
+        port = free_port()
+        env = {
+            **os.environ,
+            "NUDGEFLOW_BROKER": f"kafka://{self.broker.bootstrap}",
+            "NUDGEFLOW_APP_ID": f"bench-{self.tag}",
+            "NUDGEFLOW_TOPIC_PREFIX": self.prefix,
+            "NUDGEFLOW_DATA_DIR": str(self.work / f"data-{self.tag}-{i}"),
+            "NUDGEFLOW_JOURNEYS": json.dumps([str(jdir)]),
+            "NUDGEFLOW_METRICS_PORT": str(port),
+            "NUDGEFLOW_SESSION_TIMEOUT_S": "6",
+            "NUDGEFLOW_REBALANCE_TIMEOUT_S": "6",
+            "NUDGEFLOW_HEARTBEAT_S": "1",
+            "NUDGEFLOW_BATCH_MAX": str(self.batch),
+            "NUDGEFLOW_LOG_FILE": str(self.work / f"worker-{self.tag}-{i}.log"),
+        }
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "nudgeflow.cli", "run"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=open(self.work / f"worker-{self.tag}-{i}.err", "wb"),  # noqa: SIM115 - the child keeps it
+            preexec_fn=die_with_parent,
+        )
+        self.procs.append((proc, port))
+
+    def check_alive(self) -> None:
+        for proc, _ in self.procs:
+            if proc.poll() is not None:
+                raise SystemExit(f"worker exited {proc.returncode}; see {self.work}")
+
+    def metrics(self) -> dict[str, float]:
+        total: Counter[str] = Counter()
+        for _, port in self.procs:
+            total.update(metrics(port))
+        return dict(total)
+
+    def consumed(self) -> float:
+        m = self.metrics()
+        return m.get("nudgeflow_events_consumed_total:add_to_cart", 0) + m.get(
+            "nudgeflow_events_consumed_total:charged", 0
+        )
+
+    def ready(self) -> bool:
+        return all(any(k == "nudgeflow_pending_timers" for k in metrics(port)) for _, port in self.procs) and bool(
+            self.procs
+        )
+
+    def stats(self) -> tuple[float, float]:
+        cpu = rss = 0.0
+        for proc, _ in self.procs:
+            c, r = proc_stats(proc.pid)
+            cpu, rss = cpu + c, max(rss, r)
+        return cpu, rss
+
+    def settle(self, quiet_s: float = 2.0, timeout: float = 120.0) -> dict[str, float]:
+        """Wait until no more sends are made (the last timers fired), then the metrics."""
+        last, since, deadline = -1.0, time.monotonic(), time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            m = self.metrics()
+            n = m.get("nudgeflow_send_requests_total", 0)
+            if n != last:
+                last, since = n, time.monotonic()
+            elif time.monotonic() - since >= quiet_s:
+                return m
+            time.sleep(0.25)
+        return self.metrics()
+
+    def stop(self) -> None:
+        for proc, _ in self.procs:
+            proc.terminate()
+        for proc, _ in self.procs:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def wait_until(pred: Any, timeout: float, every: float = 0.25) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(every)
+    return False
+
+
+def expected(events: dict[str, list[tuple[int, bool]]], part: dict[str, int], wait_ms: int) -> tuple[int, int]:
+    """gen.py's closed form (see ../shared/peers/README.md) over the events actually produced."""
+    final_wm: dict[int, int] = defaultdict(int)
+    for user, evs in events.items():
+        final_wm[part[user]] = max(final_wm[part[user]], max(ts for ts, _ in evs))
+    sends = conversions = 0
+    for user, evs in events.items():
+        evs = sorted(evs, key=lambda e: (e[0], not e[1]))  # equal times: add_to_cart first (topic order)
+        for i, (ts, add) in enumerate(evs):
+            nxt = evs[i + 1][0] if i + 1 < len(evs) else None
+            if add:
+                d = ts + wait_ms
+                if (nxt is not None and nxt >= d) or (nxt is None and final_wm[part[user]] >= d):
+                    sends += 1
+            elif i and evs[i - 1][1] and ts < evs[i - 1][0] + wait_ms:
+                conversions += 1
+    return sends, conversions
+
+
+def check(pushes: list[Any], final_wm: dict[int, int], part: dict[str, int]) -> tuple[int, int, int]:
+    """(sends by the peers' rule, sends in all, distinct keys) of the push topic."""
+    bodies = [orjson.loads(m.value()) for m in pushes]
+    in_window = sum(1 for b in bodies if b["created_at"] <= final_wm[part[b["user_id"]]])
+    return in_window, len(bodies), len({b["key"] for b in bodies})
+
+
+def produce_input(broker: EmbeddedBroker, work: Path, a: argparse.Namespace) -> dict[str, Any]:
+    """The peers' input, produced once by their gen.py, and what the check needs of it."""
+    topics = Topics()
+    ensure_topics(broker.bootstrap, all_topics(topics), PARTITIONS, 604_800_000, copartitioned=topics.inputs)
+    manifest = work / "manifest.json"
+    cmd = ["gen.py", "--broker", broker.bootstrap, "--n", str(a.n), "--users", str(a.users)]
+    cmd += ["--wait-ms", str(a.wait_ms), "--manifest", str(manifest)]
+    subprocess.run([sys.executable, *cmd], cwd=PEERS, check=True, stdout=subprocess.DEVNULL)
+    m = json.loads(manifest.read_text())
+    inputs = read_all(broker.bootstrap, "add_to_cart") + read_all(broker.bootstrap, "charged")
+    m["part"] = {x.key().decode(): x.partition() for x in inputs}
+    final_wm: dict[int, int] = defaultdict(int)
+    for x in inputs:
+        final_wm[x.partition()] = max(final_wm[x.partition()], orjson.loads(x.value())["ts"])
+    m["final_wm"] = dict(final_wm)
+    return m
+
+
+def catch_up(broker: EmbeddedBroker, work: Path, a: argparse.Namespace, m: dict[str, Any], rep: int) -> dict[str, Any]:
+    push_topic = Topics().channel("push")
+    push_before = len(read_all(broker.bootstrap, push_topic))
+    w = Workers(broker, work, f"c{rep}-{int(time.time())}", a.wait_ms, a.batch)
     t_start = time.perf_counter()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "nudgeflow.cli", "run"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=open(work / f"worker-{rep}.err", "wb"),  # noqa: SIM115 - the child keeps it
-        preexec_fn=die_with_parent,
-    )
-    n = manifest["n"]
+    for _ in range(a.workers):
+        w.start_one()
     first = last = None
     cpu = rss = 0.0
     try:
         while True:
-            if proc.poll() is not None:
-                raise SystemExit(f"worker exited {proc.returncode}; see {work}")
-            m = metrics(port)
-            done = m.get("nudgeflow_events_consumed_total:add_to_cart", 0) + m.get(
-                "nudgeflow_events_consumed_total:charged", 0
-            )
-            now = time.perf_counter()
+            w.check_alive()
+            done, now = w.consumed(), time.perf_counter()
             if done and first is None:
                 first = now
-            if done >= n:
+            if done >= a.n:
                 last = now
-                cpu, rss = proc_stats(proc.pid)
+                cpu, rss = w.stats()
                 break
-            if now - t_start > 900:
-                raise SystemExit("timeout: not all events processed in 15 minutes")
-            time.sleep(0.1)
-        time.sleep(3)  # let the last timers fire and flush
-        m = metrics(port)
+            if now - t_start > 1800:
+                raise SystemExit("timeout: not all events processed in 30 minutes")
+            time.sleep(0.25)
+        mx = w.settle()
     finally:
-        proc.terminate()
-        proc.wait(30)
+        w.stop()
     assert first is not None and last is not None
+    pushes = read_all(broker.bootstrap, push_topic)[push_before:]
+    in_window, total, keys = check(pushes, m["final_wm"], m["part"])
+    conversions = int(mx.get("nudgeflow_journey_conversions_total", 0))
+    exact = in_window == m["expected_sends"] and keys == total and conversions == m["expected_conversions"]
     return {
-        "eps": round(n / (last - first)),
-        "secs": last - first,
-        "wall": last - t_start,
-        "cpu": cpu,
-        "rss": rss,
-        "conversions": int(m.get("nudgeflow_journey_conversions_total", 0)),
-        "sends_total": int(m.get("nudgeflow_send_requests_total", 0)),
-        "batch_mean": m.get("nudgeflow_batch_size_sum", 0) / max(1, m.get("nudgeflow_batch_size_count", 1)),
+        "mode": "catch-up",
+        "workers": a.workers,
+        "events": a.n,
+        "eps": round(a.n / (last - first)),
+        "secs": round(last - first, 2),
+        "cpu_s": round(cpu, 1),
+        "cpu_us_per_event": round(cpu / a.n * 1e6, 1),
+        "rss_mib": round(rss),
+        "sends": in_window,
+        "sends_total": total,
+        "keys": keys,
+        "conversions": conversions,
+        "expected_sends": m["expected_sends"],
+        "expected_conversions": m["expected_conversions"],
+        "exact": exact,
+    }
+
+
+def live(broker: EmbeddedBroker, work: Path, a: argparse.Namespace, rate: float, tag: str) -> dict[str, Any]:
+    topics = Topics(f"{tag}.")
+    ensure_topics(broker.bootstrap, all_topics(topics), PARTITIONS, 604_800_000, copartitioned=topics.inputs)
+    w = Workers(broker, work, f"{tag}-{int(time.time())}", a.live_wait_ms, a.batch, topics.prefix)
+    n_workers = 2 if a.join else a.workers
+    w.start_one()
+    if not a.join:
+        for _ in range(n_workers - 1):
+            w.start_one()
+    if not wait_until(w.ready, 90):
+        raise SystemExit(f"workers not ready; see {work}")
+    events: dict[str, list[tuple[int, bool]]] = defaultdict(list)
+    part: dict[str, int] = {}
+    failed: list[Any] = []
+
+    def delivered(err: Any, msg: Any) -> None:
+        if err:
+            failed.append(err)
+        else:
+            part[msg.key().decode()] = msg.partition()
+
+    producer = Producer(
+        {
+            "bootstrap.servers": broker.bootstrap,
+            "partitioner": "murmur2_random",
+            "enable.idempotence": True,
+            "linger.ms": 5,
+            "log_level": 3,
+        }
+    )
+    rng = random.Random(7)
+    n_total = int(rate * a.live_seconds)
+    cpu0 = w.stats()[0]
+    t0 = time.perf_counter()
+    joined = False
+    last_ts = 0
+    for i in range(n_total):
+        due = t0 + i / rate
+        while (now := time.perf_counter()) < due:
+            time.sleep(min(0.002, due - now))
+        if a.join and not joined and i >= n_total // 2:
+            threading.Thread(target=w.start_one).start()
+            joined = True
+        user = f"u{rng.randrange(a.users):05d}"
+        add = rng.random() < 0.7
+        ts = last_ts = max(int(time.time() * 1000), last_ts)  # each partition in time order
+        topic = "add_to_cart" if add else "charged"
+        ev = {"user_id": user, "event": topic, "ts": ts, "props": {"product": f"sku{rng.randrange(1000):04d}"}}
+        events[user].append((ts, add))
+        while True:
+            try:
+                producer.produce(topics.name(topic), orjson.dumps(ev), user, timestamp=ts, on_delivery=delivered)
+                break
+            except BufferError:
+                producer.poll(0.01)
+        if i % 500 == 0:
+            producer.poll(0)
+    producer.flush(60)
+    produce_s = time.perf_counter() - t0
+    assert not failed, failed[:3]
+    if not wait_until(lambda: w.consumed() >= n_total, 300):
+        raise SystemExit(f"live run: the workers did not consume all input; see {work}")
+    cpu = w.stats()[0] - cpu0
+    mx = w.settle(quiet_s=max(3.0, a.live_wait_ms / 1000 + 2))
+    w.stop()
+    pushes = read_all(broker.bootstrap, topics.channel("push"))
+    final_wm: dict[int, int] = defaultdict(int)
+    for user, evs in events.items():
+        final_wm[part[user]] = max(final_wm[part[user]], max(t for t, _ in evs))
+    in_window, total, keys = check(pushes, final_wm, part)
+    late = sorted(
+        (m.timestamp()[1] - orjson.loads(m.value())["created_at"]) / 1000
+        for m in pushes
+        if orjson.loads(m.value())["created_at"] <= final_wm[part[m.key().decode()]]
+    )
+    exp_sends, exp_conv = expected(events, part, a.live_wait_ms)
+    conversions = int(mx.get("nudgeflow_journey_conversions_total", 0))
+
+    def pct(q: float) -> float:
+        return round(late[min(len(late) - 1, int(q * len(late)))], 3) if late else float("nan")
+
+    return {
+        "mode": "live" + (" join" if a.join else ""),
+        "workers": n_workers,
+        "events": n_total,
+        "rate": round(rate),
+        "achieved_rate": round(n_total / produce_s),
+        "lateness_p50_s": pct(0.5),
+        "lateness_p99_s": pct(0.99),
+        "lateness_max_s": round(late[-1], 3) if late else None,
+        "cpu_s": round(cpu, 1),
+        "cpu_us_per_event": round(cpu / n_total * 1e6, 1),
+        "sends": in_window,
+        "sends_total": total,
+        "keys": keys,
+        "conversions": conversions,
+        "expected_sends": exp_sends,
+        "expected_conversions": exp_conv,
+        "exact": in_window == exp_sends and keys == total and conversions == exp_conv,
     }
 
 
@@ -171,71 +423,44 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=200_000)
     ap.add_argument("--users", type=int, default=20_000)
     ap.add_argument("--wait-ms", type=int, default=30_000)
-    ap.add_argument("--batch", type=int, default=1000)
+    ap.add_argument("--batch", type=int, default=10_000)
+    ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--live", default="", help="fractions of the catch-up rate to run live at, e.g. 0.5,0.9")
+    ap.add_argument("--live-seconds", type=float, default=30.0)
+    ap.add_argument("--live-wait-ms", type=int, default=2000)
+    ap.add_argument("--join", action="store_true", help="live: a second worker joins half way")
     a = ap.parse_args()
     if not (PEERS / "gen.py").exists():
         raise SystemExit(f"the peer benchmark is not at {PEERS}")
     work = Path(tempfile.mkdtemp(prefix="nudgeflow-bench-"))
-    ok = True
+    runs: list[dict[str, Any]] = []
+    print(f"N={a.n}, U={a.users}, wait={a.wait_ms} ms, workers={a.workers}, batch={a.batch}; logs in {work}\n")
+    print("| mode | workers | events | events/s | CPU µs/event | peak RSS MiB | lateness p50/p99 s | sends | exact |")
+    print("|---|--:|--:|--:|--:|--:|--:|--:|---|")
     with EmbeddedBroker(log_path=work / "tansu.log") as broker:
-        ensure_topics(broker.bootstrap, all_topics(Topics()), 4, 604_800_000, copartitioned=Topics().inputs)
-        subprocess.run(
-            [
-                sys.executable,
-                "gen.py",
-                "--broker",
-                broker.bootstrap,
-                "--n",
-                str(a.n),
-                "--users",
-                str(a.users),
-                "--wait-ms",
-                str(a.wait_ms),
-                "--manifest",
-                str(work / "manifest.json"),
-            ],
-            cwd=PEERS,
-            check=True,
-            stdout=subprocess.DEVNULL,
-        )
-        manifest = json.loads((work / "manifest.json").read_text())
-        inputs = read_all(broker.bootstrap, ["add_to_cart", "charged"])
-        part = {m.key(): m.partition() for m in inputs}
-        final_wm = Counter()  # type: Counter[int]
-        for m in inputs:
-            final_wm[m.partition()] = max(final_wm[m.partition()], orjson.loads(m.value())["ts"])
-        print(
-            f"N={a.n} ({manifest['adds']} add_to_cart, {manifest['charged']} charged), U={a.users}, "
-            f"wait={a.wait_ms} ms; expected sends={manifest['expected_sends']}, "
-            f"conversions={manifest['expected_conversions']}\n"
-        )
-        print(
-            "| run | events/s | first→last s | wall s | worker CPU s | peak RSS MiB | mean batch | sends (peers' rule) "
-            "| sends total | distinct keys | conversions |"
-        )
-        print("|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
+        m = produce_input(broker, work, a)
         for rep in range(1, a.repeat + 1):
-            push_before = len(read_all(broker.bootstrap, ["nudgeflow.send.push"]))
-            r = run_once(broker, work, manifest, a.wait_ms, a.batch, rep)
-            pushes = read_all(broker.bootstrap, ["nudgeflow.send.push"])[push_before:]
-            bodies = [orjson.loads(m.value()) for m in pushes]
-            keys = Counter(b["key"] for b in bodies)
-            in_window = sum(1 for b in bodies if b["created_at"] <= final_wm[part[b["user_id"].encode()]])
+            r = catch_up(broker, work, a, m, rep)
+            runs.append(r)
             print(
-                f"| {rep} | {r['eps']:,} | {r['secs']:.1f} | {r['wall']:.1f} | {r['cpu']:.1f} | {r['rss']:.0f} "
-                f"| {r['batch_mean']:.0f} | {in_window} | {len(bodies)} | {len(keys)} | {r['conversions']} |",
+                f"| catch-up | {r['workers']} | {r['events']:,} | {r['eps']:,} | {r['cpu_us_per_event']} | "
+                f"{r['rss_mib']} | | {r['sends']} / {r['expected_sends']} | {r['exact']} |",
                 flush=True,
             )
-            good = (
-                in_window == manifest["expected_sends"]
-                and len(keys) == len(bodies)
-                and r["conversions"] == manifest["expected_conversions"]
+        max_rate = statistics.median(r["eps"] for r in runs)
+        for i, f in enumerate(float(x) for x in a.live.split(",") if x):
+            r = live(broker, work, a, max_rate * f, f"l{i}")
+            runs.append({**r, "fraction": f})
+            print(
+                f"| {r['mode']} @ {f:.0%} ({r['rate']:,}/s) | {r['workers']} | {r['events']:,} | "
+                f"{r['achieved_rate']:,} | {r['cpu_us_per_event']} | | {r['lateness_p50_s']} / "
+                f"{r['lateness_p99_s']} | {r['sends']} / {r['expected_sends']} | {r['exact']} |",
+                flush=True,
             )
-            if not good:
-                ok = False
-                print(f"MISMATCH in run {rep}: {r}")
-    print("\nOK: nudgeflow matches the peers' expected result" if ok else "\nFAILED: see above")
+    ok = all(r["exact"] for r in runs)
+    print("\nOK: every run matches the expected result" if ok else "\nFAILED: see the rows above")
+    print("RESULT " + json.dumps({"n": a.n, "users": a.users, "wait_ms": a.wait_ms, "runs": runs}), flush=True)
     sys.exit(0 if ok else 1)
 
 

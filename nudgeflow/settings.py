@@ -51,7 +51,7 @@ class Settings(BaseSettings):
         description="an input partition read to its end with nothing new for this long no longer holds back "
         "other topics' inputs or timers (README 'How it stays correct')",
     )
-    timer_interval_ms: int = Field(200, ge=10, description="how often due timers are scanned")
+    timer_interval_ms: int = Field(50, ge=10, description="how often due timers are scanned")
     timer_grace_ms: int = Field(0, ge=0, description="fire timers this long after due (late events)")
     timer_fire_limit: int = Field(2000, ge=1, description="max ticks per partition per scan")
     session_timeout_s: float = Field(10.0, description="consumer group session timeout")
