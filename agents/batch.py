@@ -24,6 +24,7 @@ producing and recording the input positions) no-ops: no duplicate sends, no doub
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, fields
@@ -325,8 +326,9 @@ class BatchCore:
         self.keyless = keyless  # Settings.keyless: "accept" or "dead_letter"
         self.dead_letter_max_bytes = dead_letter_max_bytes
         self.cache_users = cache_users
-        self.cache: dict[tuple[int, str], UserRecord] = {}  # least recently used first
-        # records of batches computed but not yet written to the store (what a read must see)
+        # stored bytes of records: those written to the store (least recently used first, bounded),
+        # and those of batches computed but not yet written (what a read must see)
+        self.cache: dict[tuple[int, str], bytes] = {}
         self.unwritten: dict[tuple[int, str], bytes] = {}
 
     # --- decoding ------------------------------------------------------------------------------
@@ -410,9 +412,7 @@ class BatchCore:
         records, invalid = len(out.records), len(out.invalid)  # what decoding produced
         try:
             self._apply(items, store, out, safe=False)
-        except _Redo:
-            for key in out.dirty:  # their cached records hold part of this batch: read them again
-                self.cache.pop(key, None)
+        except _Redo:  # nothing of the first pass left this batch: compute it again, safely
             del out.records[records:]
             del out.invalid[invalid:]
             fresh = BatchOutput(records=out.records, invalid=out.invalid, consumed=out.consumed)
@@ -420,50 +420,47 @@ class BatchCore:
                 setattr(out, f.name, getattr(fresh, f.name))
             self._apply(items, store, out, safe=True)
 
-    def _apply(self, items: Sequence[Item], store: StateReader, out: BatchOutput, safe: bool) -> None:
-        cache = self.cache
-        missing: dict[int, set[str]] = {}
+    def _stored(self, items: Sequence[Item], store: StateReader) -> dict[tuple[int, str], bytes | None]:
+        """The stored bytes of every user these inputs are for (None: no record yet): not yet
+        written, cached, or read from the store (one multi-get per partition)."""
+        unwritten, cache = self.unwritten, self.cache
+        found: dict[tuple[int, str], bytes | None] = {}
+        missing: dict[int, list[str]] = {}
         for item in items:
             key = (item.partition, item.input.user_id)
-            if key not in cache:
-                missing.setdefault(item.partition, set()).add(key[1])
-        fresh: set[tuple[int, str]] = set()  # no record anywhere yet
-        unwritten = self.unwritten
+            if key in found:
+                continue
+            raw = unwritten.get(key)
+            if raw is None:
+                raw = cache.get(key)
+            found[key] = raw
+            if raw is None:
+                missing.setdefault(key[0], []).append(key[1])
         for p, users in missing.items():
-            ulist = list(users)
-            for u, raw in zip(ulist, store.get_many(p, [user_key(u) for u in ulist]), strict=True):
-                raw = unwritten.get((p, u), raw)
-                if raw is None:
-                    fresh.add((p, u))
-                else:
-                    cache[(p, u)] = upgrade_record(orjson.loads(raw))
+            for u, raw in zip(users, store.get_many(p, [user_key(u) for u in users]), strict=True):
+                found[(p, u)] = raw
+        return found
+
+    def _apply(self, items: Sequence[Item], store: StateReader, out: BatchOutput, safe: bool) -> None:
+        stored = self._stored(items, store)
+        recs: dict[tuple[int, str], UserRecord] = {}  # decoded for this batch: fresh, so in the CPU's caches
         sink = BatchSink(self.topics, out)
         now_ms = int(self.clock() * 1000)
-        dirty, serialized, dumps = out.dirty, out.serialized, orjson.dumps
-        # order by use only matters once the bound is near (eviction takes the oldest first)
-        keep_order = len(cache) + len(fresh) > self.cache_users * 0.9
+        dirty, serialized, dumps, loads = out.dirty, out.serialized, orjson.dumps, orjson.loads
         journeys, apply_engine = self.journeys, core.apply
         for item in items:
             inp, offset, topic, p = item.input, item.offset, item.topic, item.partition
             key = (p, inp.user_id)
-            rec = cache.get(key)
-            new = rec is None
+            rec = recs.get(key)
             if rec is None:
-                if key not in fresh:  # evicted by nothing (never during a batch): cannot happen
-                    raise AssertionError(f"record of {inp.user_id} not loaded")
-                rec = cache[key] = {"state": core.new_state(), "offsets": {}}
-                fresh.discard(key)
-            elif keep_order:
-                cache[key] = cache.pop(key)  # most recently used last
+                raw = stored[key]
+                rec = recs[key] = (
+                    upgrade_record(loads(raw)) if raw is not None else {"state": core.new_state(), "offsets": {}}
+                )
             offsets = rec["offsets"]
             if offset >= 0 and offsets.get(topic, -1) >= offset:
                 out.duplicates += 1  # already applied before a crash or rebalance
-                if new:
-                    del cache[key]
-                    fresh.add(key)
                 continue
-            was_dirty = key in dirty
-            dirty.add(key)  # before applying: if the engine raises, this record is the one to drop
             sink.partition = p
             if inp.__class__ is Event and not safe and "quarantine" not in rec:  # the hot path
                 sink.cancels = True
@@ -472,21 +469,15 @@ class BatchCore:
                 except Exception as e:
                     raise _Redo from e
                 offsets[topic] = offset
-                changed = True
-            else:
-                changed = self._apply_item(rec, item, sink, now_ms, out, safe)
-            if changed:
-                # serialised now, while the record is in the CPU's caches (a later input of the same
-                # user in this batch serialises it again): walking it cold at the end costs ten times more
-                serialized[key] = dumps(rec)
-            elif not was_dirty:
-                dirty.discard(key)
-                if new:
-                    del cache[key]  # nothing happened to a user we did not know: store nothing
-                    fresh.add(key)
+            elif not self._apply_item(rec, item, sink, now_ms, out, safe):
+                continue
+            dirty.add(key)
+            # serialised now, while the record is in the CPU's caches (a later input of the same user
+            # in this batch serialises it again): walking it at the end of the batch costs far more
+            serialized[key] = dumps(rec)
         for p, ops in sink.timer_ops.items():
             out.local.setdefault(p, []).extend(ops.items())
-        writes = out.writes
+        writes, unwritten = out.writes, self.unwritten
         for (p, user), value in serialized.items():
             unwritten[(p, user)] = value
             w = writes.get(p)
@@ -611,28 +602,23 @@ class BatchCore:
 
     # --- the cache -----------------------------------------------------------------------------
 
-    def evict(self, keep: set[tuple[int, str]]) -> None:
-        """Bound the cache: drop the least recently used records, never those in `keep` (touched
-        by a batch that is not written to the store yet)."""
+    def evict(self) -> None:
+        """Bound the cache: drop the least recently used records (all of them are in the store)."""
         cache = self.cache
         excess = len(cache) - self.cache_users
-        if excess <= 0:
-            return
-        drop = []
-        for key in cache:  # least recently used first
-            if key not in keep:
-                drop.append(key)
-                if len(drop) >= excess:
-                    break
-        for key in drop:
-            del cache[key]
+        if excess > 0:
+            for key in list(itertools.islice(cache, excess)):
+                del cache[key]
 
     def written(self, out: BatchOutput) -> None:
-        """A batch's writes are in the store now: reads may go there for them."""
-        unwritten = self.unwritten
+        """A batch's writes are in the store now: their bytes move to the cache (most recent last)."""
+        unwritten, cache = self.unwritten, self.cache
         for key, value in out.serialized.items():
             if unwritten.get(key) is value:  # not since changed by a later batch
                 del unwritten[key]
+            cache.pop(key, None)
+            cache[key] = value
+        self.evict()
 
     def forget(self) -> None:
         """Drop every cached record (a rebalance, or a batch that was abandoned): they are read

@@ -278,7 +278,6 @@ class Pipeline(Service):
         self._inflight = None
         self.reader.commit(out.positions)
         self._account(out, self._inflight_n, self._inflight_t0)
-        self.core.evict(set())
 
     def _delivery_failed(self, e: DeliveryError, retry_in: float) -> None:
         metrics.DELIVERY_FAILURES.inc()

@@ -59,7 +59,6 @@ def run(core: BatchCore, store: StateStore, msgs: list[Raw], batch: int) -> int:
         out = core.run(msgs[i : i + batch], store)
         store.write(out.writes, out.local, {})
         core.written(out)
-        core.evict(set())
         sends += sum(out.sends.values())
     return sends
 

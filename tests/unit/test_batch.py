@@ -132,14 +132,14 @@ def test_ticks_are_classified_fired_or_stale_and_purchases_cancel_timers() -> No
 def test_records_stay_cached_between_batches_within_the_bound() -> None:
     c, store = core(cache_users=2), MemStore()
     store.apply(c.run([cart(u, i) for i, u in enumerate(("u1", "u2", "u3"))], store), c)
-    assert len(c.cache) == 3  # a batch never evicts its own users
-    c.evict(set())
-    assert set(c.cache) == {(0, "u2"), (0, "u3")}  # the least recently used went
+    assert set(c.cache) == {(0, "u2"), (0, "u3")}  # the least recently written went
+    assert c.unwritten == {}
     store.reads = 0
     store.apply(c.run([cart("u3", 9, T0 + M)], store), c)
     assert store.reads == 0  # cached: no read
     out = c.run([cart("u1", 10, T0 + M)], store)
     assert store.reads == 1 and orjson.loads(out.writes[0][0][1])["state"]["entries"]
+    assert set(c.unwritten) == {(0, "u1")}  # computed, not written yet: what a read sees
     c.forget()
     assert c.cache == {} and c.unwritten == {}
 
