@@ -151,16 +151,19 @@ class Aligner:
         return q[0].at, self._index[q[0].topic]
 
     def flow(self) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
-        """(topic-partitions to pause, to resume): a partition holding more than `max_held` inputs
-        pauses the topics it holds inputs of until it is down to half as many."""
+        """(topic-partitions to pause, to resume). A partition holding more than `max_held` inputs
+        pauses the topics it holds inputs of, until it is down to half as many; a paused topic
+        whose inputs have all gone is resumed at once, since it may be the one the rest waits for."""
         pause, resume = [], []
         for p, n in self.held_in.items():
-            if n > self.max_held:
-                for t, q in self.bufs[p].items():
-                    if q and (t, p) not in self.paused:
-                        pause.append((t, p))
-            elif n <= self.max_held // 2:
-                resume += [tp for tp in self.paused if tp[1] == p]
+            bufs = self.bufs[p]
+            for t, q in bufs.items():
+                tp = (t, p)
+                if tp in self.paused:
+                    if not q or n <= self.max_held // 2:
+                        resume.append(tp)
+                elif q and n > self.max_held:
+                    pause.append(tp)
         self.paused.update(pause)
         self.paused.difference_update(resume)
         return pause, resume

@@ -271,11 +271,11 @@ def catch_up(broker: EmbeddedBroker, work: Path, a: argparse.Namespace, m: dict[
     push_topic = Topics().channel("push")
     push_before = len(read_all(broker.bootstrap, push_topic))
     w = Workers(broker, work, f"c{rep}-{int(time.time())}", a.wait_ms, a.batch)
-    t_start = time.perf_counter()
     for _ in range(a.workers):
         w.start_one()
     first = last = None
     cpu = rss = 0.0
+    progress, progress_at = -1.0, time.perf_counter()
     try:
         while True:
             w.check_alive()
@@ -286,8 +286,10 @@ def catch_up(broker: EmbeddedBroker, work: Path, a: argparse.Namespace, m: dict[
                 last = now
                 cpu, rss = w.stats()
                 break
-            if now - t_start > 1800:
-                raise SystemExit("timeout: not all events processed in 30 minutes")
+            if done != progress:
+                progress, progress_at = done, now
+            elif now - progress_at > 120:
+                raise SystemExit(f"no progress for 120 s at {done:,.0f} of {a.n:,} events; see {work}")
             time.sleep(0.25)
         mx = w.settle()
     finally:

@@ -99,6 +99,17 @@ def test_a_partition_holding_too_much_pauses_the_topics_ahead_until_half_is_rele
     assert a.flow() == ([], [("add_to_cart", 0)])
 
 
+def test_a_paused_topic_that_has_nothing_held_is_resumed_it_may_be_the_one_the_rest_waits_for() -> None:
+    clock = Clock()
+    a = aligner(clock, max_held=4)
+    add(a, "charged", 0, 100)
+    for off in range(5):
+        add(a, "add_to_cart", off, 101 + off)
+    assert a.flow() == ([("add_to_cart", 0), ("charged", 0)], [])  # both hold inputs
+    assert names(a.release()) == ["c100"]  # charged emptied; add_to_cart now waits for it
+    assert a.flow() == ([], [("charged", 0)])  # so charged must be read again
+
+
 def test_reset_forgets_held_inputs_and_positions() -> None:
     clock = Clock()
     a = aligner(clock)
