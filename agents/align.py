@@ -85,8 +85,14 @@ class Aligner:
     def note_read(self, topic: str, partition: int, offset: int, now: float) -> None:
         """A message was read (buffered, dropped or dead-lettered alike): the read position moves."""
         pr = self.progress.get((topic, partition))
-        if pr is not None:
+        if pr is not None and offset >= pr.read_upto:
             pr.read_upto, pr.at_end, pr.last_read = offset + 1, False, now
+
+    def note_reads(self, last: dict[tuple[str, int], int]) -> None:
+        """note_read for the last message of each topic-partition of a fetch."""
+        now = self.clock()
+        for (topic, p), offset in last.items():
+            self.note_read(topic, p, offset, now)
 
     def note_end(self, topic: str, partition: int, offset: int) -> None:
         """The fetch reached the partition's end (EOF at `offset`)."""

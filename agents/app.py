@@ -90,7 +90,9 @@ def build_app(settings: Settings, journeys: JourneySet) -> tuple[faust.App, Pipe
         dead_letter_max_bytes=s.dead_letter_max_bytes,
         cache_users=s.cache_users,
     )
-    aligner = Aligner(topics.user_inputs, idle_ms=s.input_idle_ms)
+    # a partition may hold at least two batches before the topics ahead are paused (pausing drops
+    # what librdkafka prefetched for them: thrashing, if it happened every batch)
+    aligner = Aligner(topics.user_inputs, idle_ms=s.input_idle_ms, max_held=max(20_000, 2 * s.batch_max))
     pipeline = Pipeline(
         core,
         store,

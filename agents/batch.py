@@ -231,6 +231,7 @@ class BatchOutput:
     counts: dict[CountKey, int] = field(default_factory=dict)
     invalid: list[tuple[str, str]] = field(default_factory=list)  # (topic, reason)
     consumed: dict[str, int] = field(default_factory=dict)  # topic -> messages
+    read: dict[tuple[str, int], int] = field(default_factory=dict)  # (topic, p) -> offset of the last message read
     timers_set: dict[int, int] = field(default_factory=dict)  # partition -> +n
     timers_cleared: dict[int, int] = field(default_factory=dict)
     timers_cancelled: int = 0  # cleared by an event before they were due (e.g. a purchase)
@@ -345,14 +346,15 @@ class BatchCore:
         now_ms = int(self.clock() * 1000)
         items: list[Item] = []
         watched = self.journeys.watched
-        consumed = out.consumed
+        consumed, read = out.consumed, out.read
         for m in msgs:
-            topic = cast(str, m.topic())
+            topic, p, offset = cast(str, m.topic()), cast(int, m.partition()), cast(int, m.offset())
             consumed[topic] = consumed.get(topic, 0) + 1
+            read[topic, p] = offset
             inp, at = self._decode(m, topic, now_ms, out)
             if inp is None or (isinstance(inp, Event) and inp.name not in watched):
                 continue
-            items.append(Item(topic, cast(int, m.partition()), cast(int, m.offset()), inp, at, m))
+            items.append(Item(topic, p, offset, inp, at, m))
         return items
 
     def _decode(self, m: Message, topic: str, now_ms: int, out: BatchOutput) -> tuple[Input | Release | None, int]:
@@ -415,7 +417,7 @@ class BatchCore:
         except _Redo:  # nothing of the first pass left this batch: compute it again, safely
             del out.records[records:]
             del out.invalid[invalid:]
-            fresh = BatchOutput(records=out.records, invalid=out.invalid, consumed=out.consumed)
+            fresh = BatchOutput(records=out.records, invalid=out.invalid, consumed=out.consumed, read=out.read)
             for f in fields(BatchOutput):
                 setattr(out, f.name, getattr(fresh, f.name))
             self._apply(items, store, out, safe=True)

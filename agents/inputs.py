@@ -95,18 +95,16 @@ class InputReader:
 
     def _sort(self, got: list[Any]) -> list[Any]:
         """The messages; EOF and error events are noted, not returned."""
-        now = time.monotonic()
-        aligner = self.aligner
         out = []
         for m in got:
             err = m.error()
             if err is None:
                 out.append(m)
-                aligner.note_read(m.topic(), m.partition(), m.offset(), now)
             elif err.code() == KafkaError._PARTITION_EOF:
-                aligner.note_end(m.topic(), m.partition(), m.offset())
+                self.aligner.note_end(m.topic(), m.partition(), m.offset())
             else:
                 self.errors += 1
+                now = time.monotonic()
                 if now - self._last_error_log > 10:
                     self._last_error_log = now
                     log.warning("input consumer error: %s", err)

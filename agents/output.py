@@ -59,20 +59,27 @@ class Output:
         headers: list[tuple[str, bytes]] | None = None,
     ) -> None:
         cb = self._tracked if topic == self.track_topic else self._delivered
+        produce = self.producer.produce
+        try:
+            if partition is None:
+                produce(topic, value, key, on_delivery=cb, headers=headers)
+            else:
+                produce(topic, value, key, partition, on_delivery=cb, headers=headers)
+            return
+        except BufferError:  # local queue full: let librdkafka drain it, then try again
+            pass
+        except KafkaException as e:
+            raise DeliveryError(f"cannot produce to {topic}: {e}") from e
         while True:
+            self.producer.poll(0.05)
             try:
                 if partition is None:
-                    if headers:
-                        self.producer.produce(topic, value, key, on_delivery=cb, headers=headers)
-                    else:
-                        self.producer.produce(topic, value, key, on_delivery=cb)
-                elif headers:
-                    self.producer.produce(topic, value, key, partition, on_delivery=cb, headers=headers)
+                    produce(topic, value, key, on_delivery=cb, headers=headers)
                 else:
-                    self.producer.produce(topic, value, key, partition, on_delivery=cb)
+                    produce(topic, value, key, partition, on_delivery=cb, headers=headers)
                 return
-            except BufferError:  # local queue full: let librdkafka drain it
-                self.producer.poll(0.05)
+            except BufferError:
+                continue
             except KafkaException as e:
                 raise DeliveryError(f"cannot produce to {topic}: {e}") from e
 

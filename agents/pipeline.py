@@ -202,6 +202,7 @@ class Pipeline(Service):
             return  # read but not applied: the positions say where to read again
         out = BatchOutput()
         items = self.core.decode(msgs, out)
+        self.aligner.note_reads(out.read)
         ready: list[Item] = []
         aligner = self.aligner
         for item in items:
@@ -216,7 +217,7 @@ class Pipeline(Service):
             self._last_scan = now
             ready += self._due_ticks(now)
         self.core.apply(ready, self.store, out)
-        self._positions(out, msgs)
+        self._positions(out)
         await self._settle()
         if self._pause:
             return  # computed on top of what will be forgotten: dropped
@@ -241,13 +242,10 @@ class Pipeline(Service):
         due = self.scanner.collect_due(int(now * 1000), lambda p: gates.get(p, float("-inf")))
         return [Item(ticks_topic, p, -1, Tick(user), at) for p, at, user in due]
 
-    def _positions(self, out: BatchOutput, msgs: list[Any]) -> None:
+    def _positions(self, out: BatchOutput) -> None:
         """Where each input read in this batch resumes once the batch is durable."""
-        if not msgs:
-            return
-        seen = {(m.topic(), m.partition()) for m in msgs}
         aligner = self.aligner
-        for topic, p in seen:
+        for topic, p in out.read:
             pos = aligner.position(topic, p)
             if pos is not None:
                 out.writes.setdefault(p, []).append((position_key(topic), b"%d" % pos))
@@ -257,7 +255,7 @@ class Pipeline(Service):
         produce, changelog = self.output.produce, self.changelog
         for p, writes in out.writes.items():
             for key, value in writes:
-                produce(changelog, value, key, p)
+                produce(changelog, value, key, p, None)
         for r in out.records:
             produce(r.topic, r.value, r.key, r.partition, r.headers)
 
