@@ -9,7 +9,9 @@ input topic of that partition can still deliver an earlier one, which is when th
 - has an input buffered (its head is not earlier, or it would be the smallest), or
 - has already delivered an input at least as late (each topic-partition is in time order; at
   equal times, topics go in the order given), or
-- is *quiet*: read up to its end (the fetch high watermark) and nothing new for `idle_ms`.
+- is *quiet*: read up to its end (partition EOF, and the latest fetch answer's high watermark
+  says nothing more is there: librdkafka fetches ahead of what the loop has read) and nothing
+  new for `idle_ms`.
 
 The same knowledge gates timers: a timer of partition p may fire once every input topic of p is
 past its due time or quiet (`gate`). Catching up after downtime, a push therefore waits until the
@@ -53,11 +55,15 @@ class Aligner:
         idle_ms: int = 500,
         max_held: int = 20_000,
         clock: Callable[[], float] = time.monotonic,
+        high_watermark: Callable[[str, int], int | None] = lambda topic, p: None,
     ) -> None:
         self.event_topics = tuple(event_topics)  # in this order for equal event times
         self._event_topic_set = frozenset(self.event_topics)
         self._index = {t: i for i, t in enumerate(self.event_topics)}
         self.idle_s, self.max_held, self.clock = idle_ms / 1000, max_held, clock
+        # the end of a topic-partition per the latest fetch answer (librdkafka fetches ahead of
+        # what was handed over, so this knows of new input before the loop reads it)
+        self.high_watermark = high_watermark
         self.bufs: dict[int, dict[str, deque[Item]]] = {}
         self.progress: dict[tuple[str, int], Progress] = {}
         self.held = 0
@@ -121,7 +127,9 @@ class Aligner:
         if pr is None:
             return float("inf")
         if pr.at_end and now - pr.last_read >= self.idle_s:
-            return float("inf")
+            hw = self.high_watermark(topic, p)
+            if hw is None or hw <= pr.read_upto:  # quiet: nothing fetched beyond what was read
+                return float("inf")
         return pr.newest
 
     def release(self) -> list[Item]:

@@ -48,6 +48,7 @@ class InputReader:
         )
         self.assigned: list[TopicPartition] = []
         self.errors = 0
+        aligner.high_watermark = self.high_watermark
         self._last_error_log = 0.0
 
     def assign(self, positions: Mapping[tuple[str, int], int | None]) -> None:
@@ -119,6 +120,14 @@ class InputReader:
                 )
             except Exception as e:  # informational only: where to resume is in the state store
                 log.debug("position commit failed: %s", e)
+
+    def high_watermark(self, topic: str, partition: int) -> int | None:
+        """The end of a topic-partition per the latest fetch answer (None: not known yet)."""
+        try:
+            _, high = self.consumer.get_watermark_offsets(TopicPartition(topic, partition), cached=True)
+        except Exception:  # not assigned (any more)
+            return None
+        return high if high >= 0 else None
 
     def high_watermarks(self) -> dict[tuple[str, int], int]:
         """The high watermark of each assigned input from the latest fetch (not ListOffsets)."""

@@ -116,3 +116,18 @@ def test_reset_forgets_held_inputs_and_positions() -> None:
     add(a, "add_to_cart", 7, 1)
     a.reset()
     assert a.held == 0 and a.release() == [] and a.position("add_to_cart", 0) is None
+
+
+def test_a_topic_whose_fetch_knows_of_more_input_is_not_quiet_however_long_the_loop_took() -> None:
+    clock, ends = Clock(), {("charged", 0): 1}
+    a = Aligner(TOPICS, idle_ms=500, clock=clock, high_watermark=lambda t, p: ends.get((t, p)))
+    a.track([0], TOPICS)
+    add(a, "charged", 0, 100)
+    a.release()
+    a.note_end("charged", 0, 1)
+    add(a, "add_to_cart", 0, 300)
+    clock.now += 2  # the loop was busy: no message of charged read for two seconds
+    ends[("charged", 0)] = 5  # but librdkafka has fetched more of it meanwhile
+    assert a.release() == [] and a.gate(0) == 100
+    ends[("charged", 0)] = 1
+    assert names(a.release()) == ["a300"]
