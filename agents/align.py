@@ -89,10 +89,13 @@ class Aligner:
         self.held = 0
 
     def note_read(self, topic: str, partition: int, offset: int, now: float) -> None:
-        """A message was read (buffered, dropped or dead-lettered alike): the read position moves."""
+        """A message was read (buffered, dropped or dead-lettered alike): the read position moves.
+        Note a fetch's messages before its EOF events (`note_end`)."""
         pr = self.progress.get((topic, partition))
-        if pr is not None and offset >= pr.read_upto:
-            pr.read_upto, pr.at_end, pr.last_read = offset + 1, False, now
+        if pr is not None:
+            pr.last_read = now
+            if offset >= pr.read_upto:
+                pr.read_upto, pr.at_end = offset + 1, False
 
     def note_reads(self, last: dict[tuple[str, int], int]) -> None:
         """note_read for the last message of each topic-partition of a fetch."""

@@ -48,6 +48,7 @@ class InputReader:
         )
         self.assigned: list[TopicPartition] = []
         self.errors = 0
+        self._ends: list[tuple[str, int, int]] = []
         aligner.high_watermark = self.high_watermark
         self._last_error_log = 0.0
 
@@ -72,6 +73,7 @@ class InputReader:
         if self.assigned:
             self.consumer.unassign()
             self.assigned = []
+        self._ends = []
 
     def committed(self, tps: Iterable[tuple[str, int]], group_conf: dict[str, Any]) -> dict[tuple[str, int], int]:
         """Offsets committed in another consumer group (nudgeflow 0.1 committed input offsets in
@@ -95,14 +97,14 @@ class InputReader:
         return self._sort(got) if got else got
 
     def _sort(self, got: list[Any]) -> list[Any]:
-        """The messages; EOF and error events are noted, not returned."""
+        """The messages; EOF events are kept for `ends`, errors logged (rate-limited) and counted."""
         out = []
         for m in got:
             err = m.error()
             if err is None:
                 out.append(m)
             elif err.code() == KafkaError._PARTITION_EOF:
-                self.aligner.note_end(m.topic(), m.partition(), m.offset())
+                self._ends.append((m.topic(), m.partition(), m.offset()))
             else:
                 self.errors += 1
                 now = time.monotonic()
@@ -110,6 +112,12 @@ class InputReader:
                     self._last_error_log = now
                     log.warning("input consumer error: %s", err)
         return out
+
+    def ends(self) -> list[tuple[str, int, int]]:
+        """The partition-EOF events of the fetches polled since the last call: note them after the
+        messages of the same fetches (an EOF may come before or after a message in one poll)."""
+        ends, self._ends = self._ends, []
+        return ends
 
     def commit(self, positions: Mapping[tuple[str, int], int]) -> None:
         """Record positions in the consumer group, for lag tools (asynchronously, best effort)."""

@@ -203,6 +203,8 @@ class Pipeline(Service):
         out = BatchOutput()
         items = self.core.decode(msgs, out)
         self.aligner.note_reads(out.read)
+        for topic, p, offset in reader.ends():
+            self.aligner.note_end(topic, p, offset)
         ready: list[Item] = []
         aligner = self.aligner
         for item in items:

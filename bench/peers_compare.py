@@ -394,6 +394,12 @@ def live(broker: EmbeddedBroker, work: Path, a: argparse.Namespace, rate: float,
         if orjson.loads(m.value())["created_at"] <= final_wm[part[m.key().decode()]]
     )
     exp_sends, exp_conv = expected(events, part, a.live_wait_ms)
+    with (work / f"{tag}-events.jsonl").open("wb") as f:  # for a closer look at a mismatch
+        for user, evs in events.items():
+            f.write(orjson.dumps({"user": user, "p": part[user], "events": evs}) + b"\n")
+    with (work / f"{tag}-pushes.jsonl").open("wb") as f:
+        for m in pushes:
+            f.write(m.value() + b"\n")
     conversions = int(mx.get("nudgeflow_journey_conversions_total", 0))
 
     def pct(q: float) -> float:

@@ -122,12 +122,30 @@ def test_a_topic_whose_fetch_knows_of_more_input_is_not_quiet_however_long_the_l
     clock, ends = Clock(), {("charged", 0): 1}
     a = Aligner(TOPICS, idle_ms=500, clock=clock, high_watermark=lambda t, p: ends.get((t, p)))
     a.track([0], TOPICS)
+    a.note_end("add_to_cart", 0, 0)
+    clock.now += 1  # add_to_cart quiet (and empty)
     add(a, "charged", 0, 100)
-    a.release()
+    assert names(a.release()) == ["c100"]
     a.note_end("charged", 0, 1)
     add(a, "add_to_cart", 0, 300)
     clock.now += 2  # the loop was busy: no message of charged read for two seconds
     ends[("charged", 0)] = 5  # but librdkafka has fetched more of it meanwhile
     assert a.release() == [] and a.gate(0) == 100
     ends[("charged", 0)] = 1
+    assert names(a.release()) == ["a300"]
+
+
+def test_a_fetch_that_reads_a_topic_to_its_end_starts_its_quiet_time_afresh() -> None:
+    clock = Clock()
+    a = aligner(clock)
+    add(a, "charged", 0, 50)
+    a.note_end("add_to_cart", 0, 0)
+    clock.now += 1
+    assert names(a.release()) == ["c50"]
+    clock.now += 5  # nothing read for a while, then one fetch brings a message and the end
+    a.note_reads({("charged", 0): 1})
+    a.note_end("charged", 0, 2)
+    add(a, "add_to_cart", 0, 300)
+    assert a.release() == []  # charged was read just now: not quiet yet
+    clock.now += 0.6
     assert names(a.release()) == ["a300"]
