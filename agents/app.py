@@ -26,6 +26,7 @@ from nudgeflow.agents.framework import TableManager
 from nudgeflow.agents.inputs import InputReader
 from nudgeflow.agents.output import Output
 from nudgeflow.agents.pipeline import Pipeline, PipelineConfig
+from nudgeflow.agents.restore import RestoreError
 from nudgeflow.agents.store import StateStore
 from nudgeflow.agents.timers import TimerScanner
 from nudgeflow.engine.graph import JourneySet
@@ -123,7 +124,11 @@ def build_app(settings: Settings, journeys: JourneySet) -> tuple[faust.App, Pipe
 
     async def on_recovered() -> None:
         actives = sorted(tp.partition for tp in app.assignor.assigned_actives() if tp.topic == changelog)
-        await pipeline.assign(actives)
+        try:
+            await pipeline.assign(actives)
+        except RestoreError as e:  # nothing sensible to run on: stop, saying why
+            log.error("cannot restore the state: %s", e)
+            await app.crash(e)
 
     async def on_revoked(sender: Any, *args: Any, **kwargs: Any) -> None:
         await pipeline.quiesce()

@@ -195,9 +195,16 @@ class Pipeline(Service):
         t0 = time.perf_counter()
         cfg, reader = self.cfg, self.reader
         msgs = reader.poll(cfg.batch_max, 0)
-        if not msgs and self._inflight is None and not self.aligner.held:
-            wait = min(cfg.batch_within_ms, cfg.timer_interval_ms) / 1000
-            msgs = await reader.poll_wait(cfg.batch_max, wait)
+        if len(msgs) < cfg.batch_max:
+            # a partial fetch (live traffic): gather more for up to BATCH_WITHIN_MS (while the batch
+            # in flight is delivered), so the work per batch is spread over more events
+            limit = min(cfg.batch_within_ms, cfg.timer_interval_ms) / 1000
+            deadline = time.monotonic() + limit
+            while len(msgs) < cfg.batch_max and (left := deadline - time.monotonic()) > 0 and not self._pause:
+                more = await reader.poll_wait(cfg.batch_max - len(msgs), left)
+                if not more and msgs:
+                    break
+                msgs += more
         if self._pause:
             return  # read but not applied: the positions say where to read again
         out = BatchOutput()

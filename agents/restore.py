@@ -30,6 +30,11 @@ class RestoreError(NudgeflowError):
     """The changelog could not be read to its end."""
 
 
+class ChangelogBehind(RestoreError):
+    """The local store holds changelog offsets the changelog does not have (it was deleted and
+    created again, or truncated): the local state cannot be trusted to match it."""
+
+
 @dataclass
 class Restored:
     partition: int
@@ -63,7 +68,7 @@ def restore_partitions(
             "group.id": f"nudgeflow-restore-{changelog}",  # never subscribes nor commits: assign only
             "enable.auto.commit": False,
             "enable.partition.eof": True,
-            "auto.offset.reset": "earliest",
+            "auto.offset.reset": "error",  # a start beyond the end: the changelog is behind (see below)
             "fetch.max.bytes": 64 * 2**20,
             "log_level": 3,
         }
@@ -88,6 +93,13 @@ def restore_partitions(
                     if err.code() == KafkaError._PARTITION_EOF:
                         ended.append(p)
                         continue
+                    if err.code() == KafkaError._AUTO_OFFSET_RESET:
+                        raise ChangelogBehind(
+                            f"the local store of partition {p} holds changelog offsets up to {starts[p] - 1}, which "
+                            f"{changelog} does not have (deleted and created again, or truncated): point "
+                            "NUDGEFLOW_DATA_DIR at an empty directory (state is restored from the changelog) "
+                            "or delete this one"
+                        )
                     raise RestoreError(f"cannot read {changelog}[{p}]: {err}")
                 key = m.key()
                 if key is not None:

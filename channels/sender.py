@@ -2,7 +2,11 @@
 
 At-least-once consumption plus the durable set of delivered keys gives each request one
 delivery across restarts (a crash between delivery and commit replays the batch; the keys say
-it was delivered). Offsets are committed only after the batch is delivered.
+it was delivered). Offsets are committed only after the batch is delivered. A provider's
+transient failures are retried with exponential backoff and jitter; what still fails, or is
+refused for good, goes to the send dead-letter topic with the reason, never blocking the
+partition. An unreachable recipient is reported on the feedback topic and the request's
+fallback (another channel) is published.
 """
 
 from __future__ import annotations
@@ -11,10 +15,18 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_random_exponential,
+)
+
 from nudgeflow.channels.clients import run_until_signalled
 from nudgeflow.channels.consumer import BatchConsumer
-from nudgeflow.channels.providers import Provider, Unreachable
-from nudgeflow.engine.io import Feedback
+from nudgeflow.channels.providers import Permanent, Provider, Transient, Unreachable
+from nudgeflow.engine.io import Feedback, SendRequest
 from nudgeflow.streams import wire
 from nudgeflow.streams.topics import Topics
 
@@ -31,34 +43,60 @@ class Sender(BatchConsumer):
         group: str,
         state_dir: Path,
         session_timeout_ms: int = 10000,
+        max_attempts: int = 5,
+        retry_max_s: float = 60.0,
     ) -> None:
         topic = topics.channel(channel)
         super().__init__(bootstrap, topic, group, state_dir / f"sender-{channel}", session_timeout_ms, log)
         self.channel, self.provider, self.topics = channel, provider, topics
-        self.delivered = self.duplicates = self.unreachable = self.invalid = 0
+        self.max_attempts, self.retry_max_s = max_attempts, retry_max_s
+        self.delivered = self.duplicates = self.unreachable = self.invalid = self.dead = self.retries = 0
 
     async def handle(self, msgs: list[Any]) -> None:
         for m in msgs:
             try:
                 req = wire.decode_send_request(m.value())
-            except wire.WireError:
+            except wire.WireError as e:
                 self.invalid += 1
-                log.warning("skipping a malformed send request at offset %s", m.offset())
+                log.warning("a malformed send request at offset %s goes to the dead-letter topic", m.offset())
+                self._dead(m, "malformed", str(e))
                 continue
             if req.key in self.keys:
                 self.duplicates += 1
                 continue
             try:
-                await self.provider.deliver(req)
+                await self._deliver(req)
                 self.delivered += 1
-            except Unreachable:
+            except Unreachable as e:
                 self.unreachable += 1
+                log.info("user %s unreachable on %s (%s)", req.user_id, self.channel, e.reason)
                 self._produce(
                     self.topics.feedback, wire.encode_feedback(Feedback(req.user_id, self.channel, "unreachable"))
                 )
                 if req.fallback:
                     self._produce(self.topics.channel(req.fallback.channel), wire.encode_send_request(req.fallback))
+            except (Permanent, Transient) as e:
+                self.dead += 1
+                log.warning("send %s for user %s dead-lettered: %s", req.key[:12], req.user_id, e.reason)
+                self._dead(m, "permanent" if isinstance(e, Permanent) else "retries_exhausted", e.reason)
             self.keys.add(req.key)
+
+    async def _deliver(self, req: SendRequest) -> None:
+        async for attempt in AsyncRetrying(
+            stop=stop_after_attempt(self.max_attempts) | stop_after_delay(self.retry_max_s),
+            wait=wait_random_exponential(multiplier=0.5, max=30),
+            retry=retry_if_exception_type(Transient),
+            reraise=True,
+        ):
+            with attempt:
+                if attempt.retry_state.attempt_number > 1:
+                    self.retries += 1
+                await self.provider.deliver(req)
+
+    def _dead(self, m: Any, reason: str, detail: str) -> None:
+        headers = [("reason", reason.encode()), ("detail", detail.encode()), ("channel", self.channel.encode())]
+        headers += [(f"original.{k}", v) for k, v in (m.headers() or [])]
+        self.producer.produce(self.topics.send_dead_letter, key=m.key(), value=m.value(), headers=headers)
 
     def _produce(self, topic: str, enc: wire.Encoded) -> None:
         self.producer.produce(topic, key=enc.key, value=enc.value, headers=enc.headers)

@@ -89,7 +89,7 @@ def send(
     data_dir: Annotated[Path | None, typer.Option(help="where delivered keys are kept")] = None,
 ) -> None:
     """Run a sender: deliver the send requests of one channel topic, once per idempotency key."""
-    from nudgeflow.channels.providers import UnknownProvider, make_provider
+    from nudgeflow.channels.providers import make_provider
     from nudgeflow.channels.sender import Sender, run_sender
     from nudgeflow.streams.topics import Topics
 
@@ -99,7 +99,7 @@ def send(
         raise typer.Exit(2)
     try:
         chosen = make_provider(provider, channel)
-    except UnknownProvider as e:
+    except ConfigError as e:
         typer.echo(str(e), err=True)
         raise typer.Exit(2) from None
     sender = Sender(

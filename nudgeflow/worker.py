@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
+import signal
 import sys
+import threading
 from typing import Any
 
 import faust
@@ -23,7 +26,14 @@ log = logging.getLogger("nudgeflow")
 
 
 def all_topics(topics: Topics) -> list[str]:
-    return [*topics.inputs, topics.dead_letter, topics.calls, topics.profile_changes, *topics.channels]
+    return [
+        *topics.inputs,
+        topics.dead_letter,
+        topics.calls,
+        topics.profile_changes,
+        *topics.channels,
+        topics.send_dead_letter,
+    ]
 
 
 def start_metrics(host: str, port: int) -> int:
@@ -35,6 +45,29 @@ def start_metrics(host: str, port: int) -> int:
         ) from None
     bound: int = server.server_address[1]
     return bound
+
+
+STOP_DEADLINE_S = 9.0  # after SIGTERM/SIGINT: README promises an exit within 10 s
+
+
+class Worker(faust.Worker):
+    """Faust's worker, with a deadline on stopping: whatever hangs (a broker that is gone, a group
+    that cannot be left), the process exits within 10 s of the signal. What was made durable is in
+    the store; what was not is read again from the stored positions."""
+
+    def _schedule_shutdown(self, sig: signal.Signals) -> None:
+        if not self._signal_stop_time:
+            deadline = threading.Timer(STOP_DEADLINE_S, _exit_now)
+            deadline.daemon = True
+            deadline.start()
+        super()._schedule_shutdown(sig)
+
+
+def _exit_now() -> None:
+    log.warning("stop did not finish within %.0f s: exiting now", STOP_DEADLINE_S)
+    logging.shutdown()
+    sys.stdout.flush()
+    os._exit(0)
 
 
 def tune_gc() -> None:
@@ -91,7 +124,7 @@ def run_worker(settings: Settings) -> None:
         worker_kwargs: dict[str, Any] = {"loglevel": level, "quiet": True, "redirect_stdouts": False}
         if settings.log_file:
             worker_kwargs["logfile"] = str(settings.log_file)
-        worker = faust.Worker(app, **worker_kwargs)
+        worker = Worker(app, **worker_kwargs)
         for noisy in ("aiokafka", "faust", "mode"):
             logging.getLogger(noisy).setLevel(
                 logging.WARNING if settings.log_level.lower() != "debug" else logging.DEBUG

@@ -62,6 +62,11 @@ class Topics:
         return self.name(f"nudgeflow.send.{channel}")
 
     @property
+    def send_dead_letter(self) -> str:
+        """Send requests a sender could not deliver (after its retries, or refused for good)."""
+        return self.name("nudgeflow.send.dead_letter")
+
+    @property
     def channels(self) -> list[str]:
         return [self.channel(c) for c in CHANNELS]
 
