@@ -431,7 +431,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=200_000)
     ap.add_argument("--users", type=int, default=20_000)
     ap.add_argument("--wait-ms", type=int, default=30_000)
-    ap.add_argument("--batch", type=int, default=10_000)
+    ap.add_argument("--batch", type=int, default=20_000)
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--live", default="", help="fractions of the catch-up rate to run live at, e.g. 0.5,0.9")

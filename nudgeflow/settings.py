@@ -40,7 +40,7 @@ class Settings(BaseSettings):
         description="consumer fetch size per partition: at least the brokers' message.max.bytes, so that no "
         "message the broker accepts is skipped unseen",
     )
-    batch_max: int = Field(10_000, ge=1, description="input messages per processing batch, at most")
+    batch_max: int = Field(20_000, ge=1, description="input messages per processing batch, at most")
     batch_within_ms: int = Field(50, ge=1, description="how long an idle worker waits for input before it looks again")
     cache_users: int = Field(
         100_000, ge=0, description="user records kept decoded in memory between batches (least recently used go)"
