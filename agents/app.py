@@ -33,6 +33,7 @@ from nudgeflow.engine.graph import JourneySet
 from nudgeflow.settings import Settings
 from nudgeflow.streams.events import Decoder
 from nudgeflow.streams.topics import Topics
+from nudgeflow.streams.wire import Signer
 
 log = logging.getLogger("nudgeflow.worker")
 TABLE = "journey-state"
@@ -90,6 +91,8 @@ def build_app(settings: Settings, journeys: JourneySet) -> tuple[faust.App, Pipe
         keyless=s.keyless,
         dead_letter_max_bytes=s.dead_letter_max_bytes,
         cache_users=s.cache_users,
+        signer=Signer(s.topic_secret.get_secret_value() if s.topic_secret else None),
+        state_max_bytes=s.state_max_bytes,
     )
     # a partition may hold at least two batches before the topics ahead are paused (pausing drops
     # what librdkafka prefetched for them: thrashing, if it happened every batch)

@@ -256,10 +256,10 @@ class BatchSink:
     """The engine's Sink while a batch is applied: counts tallied, messages encoded as made, timer
     index operations kept per partition (a set and a clear of the same due in one batch cancel)."""
 
-    __slots__ = ("cancels", "counts", "out", "partition", "timer_ops", "topics")
+    __slots__ = ("cancels", "counts", "out", "partition", "signer", "timer_ops", "topics")
 
-    def __init__(self, topics: Topics, out: BatchOutput) -> None:
-        self.topics, self.out = topics, out
+    def __init__(self, topics: Topics, out: BatchOutput, signer: wire.Signer = wire.UNSIGNED) -> None:
+        self.topics, self.out, self.signer = topics, out, signer
         self.counts = out.counts
         self.timer_ops: dict[int, dict[bytes, bytes | None]] = {}  # partition -> index key -> b"1" or delete
         self.partition = 0
@@ -273,14 +273,14 @@ class BatchSink:
         out = self.out
         match fx:
             case SendRequest():
-                enc = wire.encode_send_request(fx)
+                enc = wire.encode_send_request(fx, self.signer)
                 out.records.append(Record(self.topics.channel(fx.channel), enc.key, enc.value, enc.headers))
                 out.sends[fx.channel] = out.sends.get(fx.channel, 0) + 1
             case ProfileChanged():
                 enc = wire.encode_profile_change(fx)
                 out.records.append(Record(self.topics.profile_changes, enc.key, enc.value, enc.headers))
             case CallRequest():
-                enc = wire.encode_call_request(fx)
+                enc = wire.encode_call_request(fx, self.signer)
                 out.records.append(Record(self.topics.calls, enc.key, enc.value, enc.headers))
             case _:
                 assert_never(fx)
@@ -320,13 +320,17 @@ class BatchCore:
         keyless: str = "accept",
         dead_letter_max_bytes: int = 512 * 1024,
         cache_users: int = 100_000,
+        signer: wire.Signer = wire.UNSIGNED,
+        state_max_bytes: int = 256 * 1024,
     ) -> None:
         self.journeys, self.topics, self.decoder, self.clock = journeys, topics, decoder, clock
-        self.ticks_topic = topics.ticks
+        self.ticks_topic, self.feedback_topic = topics.ticks, topics.feedback
         self.release_all = release_quarantined  # Settings.release_quarantined
         self.keyless = keyless  # Settings.keyless: "accept" or "dead_letter"
         self.dead_letter_max_bytes = dead_letter_max_bytes
         self.cache_users = cache_users
+        self.signer = signer  # Settings.topic_secret: verifies feedback, signs sends and calls
+        self.state_max_bytes = state_max_bytes  # Settings.state_max_bytes: a user's state, serialised
         # stored bytes of records: those written to the store (least recently used first, bounded),
         # and those of batches computed but not yet written (what a read must see)
         self.cache: dict[tuple[int, str], bytes] = {}
@@ -365,6 +369,9 @@ class BatchCore:
                 self._dead(m, Invalid("bad_message", str(e)), out)
                 return None, 0
             return Tick(user), due
+        if topic == self.feedback_topic and not self.signer.valid("feedback", m.key(), m.value(), m.headers()):
+            self._dead(m, Invalid("bad_signature", "feedback without a valid signature (NUDGEFLOW_TOPIC_SECRET)"), out)
+            return None, 0
         inp = self.decoder.decode(topic, m.value(), kafka_ts(m), now_ms)
         if inp.__class__ is not Invalid:
             inp = self._key_policy(m, cast(Input | Release, inp))
@@ -446,7 +453,7 @@ class BatchCore:
     def _apply(self, items: Sequence[Item], store: StateReader, out: BatchOutput, safe: bool) -> None:
         stored = self._stored(items, store)
         recs: dict[tuple[int, str], UserRecord] = {}  # decoded for this batch: fresh, so in the CPU's caches
-        sink = BatchSink(self.topics, out)
+        sink = BatchSink(self.topics, out, self.signer)
         now_ms = int(self.clock() * 1000)
         dirty, serialized, dumps, loads = out.dirty, out.serialized, orjson.dumps, orjson.loads
         journeys, apply_engine = self.journeys, core.apply
@@ -476,7 +483,9 @@ class BatchCore:
             dirty.add(key)
             # serialised now, while the record is in the CPU's caches (a later input of the same user
             # in this batch serialises it again): walking it at the end of the batch costs far more
-            serialized[key] = dumps(rec)
+            value = serialized[key] = dumps(rec)
+            if len(value) > self.state_max_bytes and not safe:
+                raise _Redo  # safe mode finds the input that made the state too large
         for p, ops in sink.timer_ops.items():
             out.local.setdefault(p, []).extend(ops.items())
         writes, unwritten = out.writes, self.unwritten
@@ -545,6 +554,12 @@ class BatchCore:
             sink.out.quarantined.append((inp.user_id, type(e).__name__))
             if msg is not None and offset >= 0:
                 self._park_input(rec, topic, p, offset, msg, sink.out)
+            return
+        if msg is not None and len(orjson.dumps(state)) > self.state_max_bytes:
+            # bounded state: the input is not applied (dead-lettered, counted); the user goes on
+            self._dead(
+                msg, Invalid("state_too_large", f"the user's state would exceed {self.state_max_bytes} bytes"), sink.out
+            )
             return
         rec["state"] = state
         for fx in effects.effects:

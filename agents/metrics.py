@@ -21,6 +21,11 @@ STEPS = Counter(
 )
 VISITS = Counter("nudgeflow_journey_step_visits_total", "Steps executed (the per-step funnel)", ["journey", "step"])
 UNREACHABLE = Counter("nudgeflow_unreachable_total", "Sends skipped: no reachable channel", ["journey", "step"])
+TEMPLATE_ERRORS = Counter(
+    "nudgeflow_template_errors_total",
+    "Sends, calls or updates not made: a template failed or rendered too much for this user's data",
+    ["journey", "step"],
+)
 SENDS = Counter("nudgeflow_send_requests_total", "Send requests produced", ["channel", "journey"])
 PENDING_TIMERS = Gauge("nudgeflow_pending_timers", "Timers waiting in the index", ["partition"])
 TICKS_EMITTED = Counter("nudgeflow_timer_ticks_emitted_total", "Due timers taken from the index by the scanner")
@@ -93,5 +98,7 @@ def count_many(counts: Mapping[tuple[CountKind, str, str], int]) -> None:
                 UNREACHABLE.labels(journey, detail).inc(n)
             case "sent":
                 SENDS.labels(detail, journey).inc(n)
+            case "template_error":
+                TEMPLATE_ERRORS.labels(journey, detail).inc(n)
             case _:
                 assert_never(kind)

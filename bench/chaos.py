@@ -227,6 +227,7 @@ def main() -> None:
             "NUDGEFLOW_REBALANCE_TIMEOUT_S": "6",
             "NUDGEFLOW_HEARTBEAT_S": "1",
             "NUDGEFLOW_JOURNEYS": json.dumps([str(work / "journeys")]),
+            "NUDGEFLOW_TOPIC_SECRET": "chaos-" + os.urandom(8).hex(),  # signed sends and feedback
         }
         workers = [
             Proc(
@@ -245,7 +246,12 @@ def main() -> None:
         sender = Proc(
             "sender",
             [sys.executable, "-m", "nudgeflow.cli", "send", "--channel", "push", "--provider", "webhook"],
-            {**base_env, "NUDGEFLOW_DATA_DIR": str(work / "data-sender"), "NUDGEFLOW_WEBHOOK_URL": endpoint.url},
+            {
+                **base_env,
+                "NUDGEFLOW_DATA_DIR": str(work / "data-sender"),
+                "NUDGEFLOW_WEBHOOK_URL": endpoint.url,
+                "NUDGEFLOW_OUTBOUND_ALLOW_NETWORKS": "127.0.0.1/32",  # the local endpoint
+            },
             work / "sender.out",
         )
         procs = [*workers, sender]

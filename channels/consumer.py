@@ -26,10 +26,18 @@ class DoneKeys:
         self.db = Rdict(str(path), Options(raw_mode=True))
 
     def __contains__(self, key: str) -> bool:
-        return self.db.get(key.encode()) is not None
+        return self.db.get(key.encode()) == b"1"
 
     def add(self, key: str) -> None:
         self.db.put(key.encode(), b"1")
+
+    def begin(self, key: str) -> None:
+        """Mark a key as started but not finished (a crash now leaves it so: see `started`)."""
+        self.db.put(key.encode(), b"i")
+
+    def started(self, key: str) -> bool:
+        """Begun before and never finished: the process stopped in the middle of it."""
+        return self.db.get(key.encode()) == b"i"
 
     def close(self) -> None:
         self.db.close()

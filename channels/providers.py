@@ -23,19 +23,22 @@ import hashlib
 import hmac
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol, TextIO
+from typing import Any, Protocol, TextIO, TypeVar
 
 import httpx
 import orjson
 from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from nudgeflow.channels.outbound import Answer, Outbound, OutboundPolicy, Refused
 from nudgeflow.engine.errors import ConfigError, NudgeflowError
 from nudgeflow.engine.io import SendRequest
 from nudgeflow.engine.schema import CHANNELS
 from nudgeflow.streams.wire import send_request_doc
+
+R = TypeVar("R")
 
 
 class ProviderError(NudgeflowError):
@@ -114,10 +117,10 @@ def make_provider(name: str, channel: str) -> Provider:
     return reg.factory(channel, settings)
 
 
-def http_outcome(resp: httpx.Response, unreachable: tuple[int, ...] = (404, 410)) -> None:
+def http_outcome(resp: httpx.Response | Answer, unreachable: tuple[int, ...] = (404, 410)) -> None:
     """The usual meaning of an HTTP answer: 2xx delivered, 429 and 5xx transient, the given
-    statuses unreachable, any other 4xx permanent."""
-    code = resp.status_code
+    statuses unreachable, any other 4xx (and an unfollowed redirect) permanent."""
+    code = resp.status if isinstance(resp, Answer) else resp.status_code
     if 200 <= code < 300:
         return
     if code == 429 or code >= 500:
@@ -128,15 +131,26 @@ def http_outcome(resp: httpx.Response, unreachable: tuple[int, ...] = (404, 410)
     raise Permanent(f"HTTP {code}")
 
 
-async def http_call(send: Callable[[], Any]) -> httpx.Response:
-    """Run an HTTP request; transport failures are transient."""
+async def http_call(send: Callable[[], Awaitable[R]]) -> R:
+    """Run an HTTP request; transport failures are transient, a refusal by the outbound policy is
+    permanent (the configuration, not the moment, is wrong)."""
     try:
-        resp: httpx.Response = await send()
+        return await send()
     except httpx.TimeoutException:
         raise Transient("timeout") from None
     except httpx.TransportError as e:
         raise Transient(type(e).__name__) from None
-    return resp
+    except Refused as e:
+        raise Permanent(f"outbound policy: {e.reason}") from None
+
+
+def outbound(kind: str, max_bytes: int = 64 * 1024) -> Outbound:
+    """An HTTP client under the outbound policy of the environment's settings
+    (NUDGEFLOW_OUTBOUND_ALLOW_HOSTS / _NETWORKS), for providers that call HTTP APIs."""
+    from nudgeflow.settings import Settings
+
+    s = Settings(**{})  # the environment's (flags are the sender's own)
+    return Outbound(OutboundPolicy(s.outbound_allow_hosts, s.outbound_allow_networks), max_bytes, kind=kind)
 
 
 # --- console ---------------------------------------------------------------------------------
@@ -196,7 +210,7 @@ class WebhookProvider:
 
     def __init__(self, settings: WebhookSettings) -> None:
         self.s = settings
-        self.http = httpx.AsyncClient(timeout=settings.timeout_s, follow_redirects=False)
+        self.http = outbound("webhook")
 
     async def deliver(self, req: SendRequest) -> str | None:
         body = orjson.dumps(send_request_doc(req))
@@ -204,7 +218,9 @@ class WebhookProvider:
         headers = {"content-type": "application/json", "idempotency-key": req.key, "x-nudgeflow-timestamp": ts}
         if self.s.secret is not None:
             headers["x-nudgeflow-signature"] = webhook_signature(self.s.secret.get_secret_value().encode(), ts, body)
-        resp = await http_call(lambda: self.http.post(self.s.url, content=body, headers=headers))
+        resp = await http_call(
+            lambda: self.http.request("POST", self.s.url, content=body, headers=headers, timeout=self.s.timeout_s)
+        )
         http_outcome(resp)
         request_id: str | None = resp.headers.get("x-request-id")
         return request_id

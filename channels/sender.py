@@ -23,6 +23,7 @@ from tenacity import (
     wait_random_exponential,
 )
 
+from nudgeflow.channels import metrics
 from nudgeflow.channels.clients import run_until_signalled
 from nudgeflow.channels.consumer import BatchConsumer
 from nudgeflow.channels.providers import Permanent, Provider, Transient, Unreachable
@@ -45,15 +46,23 @@ class Sender(BatchConsumer):
         session_timeout_ms: int = 10000,
         max_attempts: int = 5,
         retry_max_s: float = 60.0,
+        signer: wire.Signer = wire.UNSIGNED,
     ) -> None:
         topic = topics.channel(channel)
         super().__init__(bootstrap, topic, group, state_dir / f"sender-{channel}", session_timeout_ms, log)
         self.channel, self.provider, self.topics = channel, provider, topics
-        self.max_attempts, self.retry_max_s = max_attempts, retry_max_s
+        self.max_attempts, self.retry_max_s, self.signer = max_attempts, retry_max_s, signer
         self.delivered = self.duplicates = self.unreachable = self.invalid = self.dead = self.retries = 0
+        self.forged = 0
 
     async def handle(self, msgs: list[Any]) -> None:
         for m in msgs:
+            if not self.signer.valid("send", m.key(), m.value(), m.headers()):
+                self.forged += 1
+                metrics.FORGED.labels(self.topic).inc()
+                log.warning("a send request without a valid signature at offset %s is dead-lettered", m.offset())
+                self._dead(m, "bad_signature", "no valid signature (NUDGEFLOW_TOPIC_SECRET)")
+                continue
             try:
                 req = wire.decode_send_request(m.value())
             except wire.WireError as e:
@@ -71,10 +80,13 @@ class Sender(BatchConsumer):
                 self.unreachable += 1
                 log.info("user %s unreachable on %s (%s)", req.user_id, self.channel, e.reason)
                 self._produce(
-                    self.topics.feedback, wire.encode_feedback(Feedback(req.user_id, self.channel, "unreachable"))
+                    self.topics.feedback,
+                    wire.encode_feedback(Feedback(req.user_id, self.channel, "unreachable"), self.signer),
                 )
                 if req.fallback:
-                    self._produce(self.topics.channel(req.fallback.channel), wire.encode_send_request(req.fallback))
+                    self._produce(
+                        self.topics.channel(req.fallback.channel), wire.encode_send_request(req.fallback, self.signer)
+                    )
             except (Permanent, Transient) as e:
                 self.dead += 1
                 log.warning("send %s for user %s dead-lettered: %s", req.key[:12], req.user_id, e.reason)

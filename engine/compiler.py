@@ -164,6 +164,23 @@ def content_digest(raw: Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def fixed_origin_problem(url: str) -> str | None:
+    """Why a call URL's scheme and host are not fixed text, or None. Templates may fill the path,
+    query, headers and body only: a host from event or profile data would let end users point the
+    call runner anywhere (README "Security model")."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.lower() not in ("http", "https") or "{" in scheme:
+        return "a call URL starts with http:// or https:// (fixed text, not a template)"
+    authority = rest
+    for stop in "/?#":
+        authority = authority.split(stop, 1)[0]
+    if not authority or "{{" in authority or "{%" in authority or "{#" in authority:
+        return "a call URL's host is fixed text: templates only after the first / (path, query)"
+    if len(authority) == len(rest) and ("{{" in rest or "{%" in rest):
+        return "a call URL's host is fixed text: templates only after the first / (path, query)"
+    return None
+
+
 def _text(v: str, path: Path, html: bool = False) -> Text:
     try:
         return Text(v, html)
@@ -286,6 +303,8 @@ class _Steps:
         return g.Update(self.sid, values, dict(u.increment), tuple(u.unset), self.next(st.next))
 
     def compile_call(self, st: s.CallStep) -> g.Call:
+        if (problem := fixed_origin_problem(st.call)) is not None:
+            raise CompileError((*self.path, "call"), problem)
         try:
             body, headers = compile_value(st.body), compile_value(st.headers)
         except TemplateError as e:

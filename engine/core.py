@@ -52,7 +52,7 @@ from nudgeflow.engine.io import (
 )
 from nudgeflow.engine.predicates import MAX_HISTORY, reachable
 from nudgeflow.engine.state import Instance, UserState, clone, new_state, next_wake
-from nudgeflow.engine.templates import render_value
+from nudgeflow.engine.templates import RenderError, render_value
 from nudgeflow.engine.timeparse import iso_to_ms
 
 __all__ = ["EffectList", "apply", "idempotency_key", "new_state", "next_wake", "process"]
@@ -531,8 +531,7 @@ class _Run:
             case g.Update():
                 return self.run_update(j, inst, node, t)
             case g.Call():
-                self.run_call(j, inst, node, t)
-                return None
+                return self.run_call(j, inst, node, t)
             case g.End():
                 self.exit(j, "completed", t)
                 return None
@@ -548,7 +547,12 @@ class _Run:
             self.count("unreachable", j.id, node.id)
             return node.next
         key = idempotency_key(j.id, self.user, inst["entry_no"], node.id, inst["moves"])
-        self.sink.emit(self.render(j, inst, node.id, msg, key, t))
+        try:
+            req = self.render(j, inst, node.id, msg, key, t)
+        except RenderError:  # not sent: a broken or runaway text never reaches a customer
+            self.count("template_error", j.id, node.id)
+            return node.next
+        self.sink.emit(req)
         self.count("sent", j.id, msg.channel)
         return node.next
 
@@ -594,7 +598,11 @@ class _Run:
     def run_update(self, j: g.Journey, inst: Instance, node: g.Update, t: int) -> str:
         self.touch_segments(t)
         profile, changes = self.st["profile"], dict[str, Any]()
-        rendered = render_value(node.set, {**self.context(j, inst), "now": t})
+        try:
+            rendered = render_value(node.set, {**self.context(j, inst), "now": t})
+        except RenderError:  # no attribute of this update is set: half an update is worse than none
+            self.count("template_error", j.id, node.id)
+            return node.next
         for k, v in rendered.items():
             changes[k] = profile[k] = v
         for k, by in node.increment.items():
@@ -608,13 +616,11 @@ class _Run:
         self.sink.emit(ProfileChanged(self.user, changes, t))
         return node.next
 
-    def run_call(self, j: g.Journey, inst: Instance, node: g.Call, t: int) -> None:
+    def run_call(self, j: g.Journey, inst: Instance, node: g.Call, t: int) -> str | None:
         ctx = self.context(j, inst)
         key = idempotency_key(j.id, self.user, inst["entry_no"], node.id, inst["moves"])
-        inst["call"] = key
-        inst["wake"] = t + node.timeout
-        self.sink.emit(
-            CallRequest(
+        try:
+            req = CallRequest(
                 key=key,
                 user_id=self.user,
                 journey=j.id,
@@ -626,7 +632,14 @@ class _Run:
                 timeout_ms=node.timeout,
                 created_at=t,
             )
-        )
+        except RenderError:  # the call is not made: the step fails at once
+            self.count("template_error", j.id, node.id)
+            self.count("step", j.id, f"{node.id}:error")
+            return node.on_error
+        inst["call"] = key
+        inst["wake"] = t + node.timeout
+        self.sink.emit(req)
+        return None
 
     def context(self, j: g.Journey, inst: Instance) -> dict[str, Any]:
         return {

@@ -105,13 +105,15 @@ class CallRequest:
     created_at: int
 
 
-CountKind = Literal["entered", "skipped", "exited", "converted", "visit", "step", "unreachable", "sent"]
+CountKind = Literal[
+    "entered", "skipped", "exited", "converted", "visit", "step", "unreachable", "sent", "template_error"
+]
 
 
 @dataclass(slots=True)
 class Count:
     """An analytics count. `detail` by kind: skipped/exited -> reason; converted -> "" or
-    "after_exit"; visit/unreachable -> step id; step -> "<step>:<outcome>"; sent -> channel."""
+    "after_exit"; visit/unreachable/template_error -> step id; step -> "<step>:<outcome>"; sent -> channel."""
 
     kind: CountKind
     journey: str

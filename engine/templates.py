@@ -62,6 +62,14 @@ class TemplateError(NudgeflowError, ValueError):
         super().__init__(problem)
 
 
+MAX_RENDERED = 64 * 1024  # characters one template may render to: event data must not inflate a message
+
+
+class RenderError(NudgeflowError, ValueError):
+    """A template failed for this user's data, or rendered more than MAX_RENDERED characters: the
+    caller does not send what it was rendering (a broken text never reaches a customer)."""
+
+
 Path = tuple[str, ...]
 
 
@@ -88,11 +96,16 @@ class Text:
         if self._tpl is None:
             return self.source
         if self._fast is not None and (text := self._render_fast(self._fast, ctx)) is not None:
+            if len(text) > MAX_RENDERED:
+                raise RenderError("too_long")
             return text
         try:
-            return self._tpl.render(ctx)
-        except Exception as e:  # a bad value must not stop a journey; the text says what broke
-            return f"[template error: {type(e).__name__}]"
+            text = self._tpl.render(ctx)
+        except Exception as e:  # a bad value must not stop a journey: the caller skips what it rendered
+            raise RenderError(type(e).__name__) from None
+        if len(text) > MAX_RENDERED:
+            raise RenderError("too_long")
+        return text
 
     def _render_fast(self, parts: list[str | Path], ctx: Mapping[str, Any]) -> str | None:
         out = []

@@ -50,6 +50,26 @@ def settings(**overrides: Any) -> Settings:
         raise typer.Exit(2) from None
 
 
+def signer(s: Settings) -> Any:
+    """The internal topics' signer of these settings (README "Security model")."""
+    from nudgeflow.streams.wire import Signer
+
+    return Signer(s.topic_secret.get_secret_value() if s.topic_secret else None)
+
+
+def channel_metrics(s: Settings) -> None:
+    """Serve a sender's or the call runner's /metrics when NUDGEFLOW_CHANNEL_METRICS_PORT is set."""
+    if s.channel_metrics_port is None:
+        return
+    from prometheus_client import start_http_server
+
+    try:
+        start_http_server(s.channel_metrics_port, s.metrics_host)
+    except OSError as e:
+        typer.echo(f"metrics port {s.channel_metrics_port}: {e.strerror}", err=True)
+        raise typer.Exit(2) from None
+
+
 @app.command()
 def run(
     broker: Broker = None,
@@ -110,7 +130,9 @@ def send(
         group or f"{s.app_id}-sender-{channel}",
         s.data_dir,
         int(s.session_timeout_s * 1000),
+        signer=signer(s),
     )
+    channel_metrics(s)
     _guard(lambda: run_sender(sender))
 
 
@@ -124,12 +146,21 @@ def calls(
     """Run the call runner: perform the HTTP calls of `call` steps and feed the answers back."""
     from nudgeflow.channels.calls import CallRunner
     from nudgeflow.channels.clients import run_until_signalled
+    from nudgeflow.channels.outbound import OutboundPolicy
     from nudgeflow.streams.topics import Topics
 
     s = remote_settings("the call runner", broker=broker, topic_prefix=topic_prefix, data_dir=data_dir)
     runner = CallRunner(
-        s.bootstrap, Topics(s.topic_prefix), group or f"{s.app_id}-calls", s.data_dir, int(s.session_timeout_s * 1000)
+        s.bootstrap,
+        Topics(s.topic_prefix),
+        group or f"{s.app_id}-calls",
+        s.data_dir,
+        int(s.session_timeout_s * 1000),
+        policy=_guard(lambda: OutboundPolicy(s.outbound_allow_hosts, s.outbound_allow_networks)),
+        max_response_bytes=s.call_max_response_bytes,
+        signer=signer(s),
     )
+    channel_metrics(s)
 
     _guard(lambda: run_until_signalled(runner.run, runner.stop))
 
@@ -266,9 +297,9 @@ def demo(
     )
 
 
-def _guard(fn: Any) -> None:
+def _guard(fn: Any) -> Any:
     try:
-        fn()
+        return fn()
     except JourneyFileErrors as e:
         typer.echo(f"invalid journey files:\n{e}", err=True)
         raise typer.Exit(2) from None

@@ -6,10 +6,10 @@ See README "Configuration" for the table of settings.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Settings(BaseSettings):
@@ -25,6 +25,9 @@ class Settings(BaseSettings):
     data_dir: Path = Field(Path("nudgeflow-data"), description="RocksDB state directory")
     metrics_host: str = "127.0.0.1"
     metrics_port: int = Field(9464, description="Prometheus /metrics port; 0 picks a free one")
+    channel_metrics_port: int | None = Field(
+        None, description="Prometheus /metrics port of a sender or the call runner (unset: none)"
+    )
     max_event_bytes: int = Field(65536, description="larger messages go to the dead-letter topic")
     max_future_ms: int = Field(86_400_000, description="event times further ahead are rejected")
     keyless: Literal["accept", "dead_letter"] = Field(
@@ -69,8 +72,37 @@ class Settings(BaseSettings):
     release_quarantined: bool = Field(
         False, description="release every quarantined user the next time an input or timer of theirs arrives"
     )
+    state_max_bytes: int = Field(
+        256 * 1024,
+        ge=4096,
+        description="a user's journey state, serialised, at most: an input that would make it larger goes to "
+        "the dead-letter topic (state_too_large)",
+    )
+    topic_secret: SecretStr | None = Field(
+        None,
+        description="HMAC key for nudgeflow's internal topics (send requests, calls, call results, feedback): set it "
+        "on every worker, sender and call runner; unsigned or forged messages are then dead-lettered",
+    )
+    outbound_allow_hosts: Annotated[list[str], NoDecode] = Field(
+        [],
+        description="hosts the call runner may call (`api.example.com`, `*.example.com`, optionally `:port`); "
+        "empty: any public host",
+    )
+    outbound_allow_networks: Annotated[list[str], NoDecode] = Field(
+        [],
+        description="address ranges (CIDR) the call runner may reach although they are loopback, private, "
+        "link-local or otherwise not public (e.g. 10.1.2.0/24 for an internal API)",
+    )
+    call_max_response_bytes: int = Field(
+        32 * 1024, ge=1024, description="a call's answer larger than this is cut off and the call fails (too_large)"
+    )
     log_level: str = Field("info")
     log_file: Path | None = None
+
+    @field_validator("outbound_allow_hosts", "outbound_allow_networks", mode="before")
+    @classmethod
+    def _comma_list(cls, v: object) -> object:
+        return [x.strip() for x in v.split(",") if x.strip()] if isinstance(v, str) else v
 
     @field_validator("broker")
     @classmethod

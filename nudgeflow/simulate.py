@@ -93,8 +93,8 @@ def summary(sim: Simulator) -> list[dict[str, Any]]:
             elif fx.kind == "step":
                 step, _, outcome = fx.detail.partition(":")
                 steps[(fx.journey, step)][outcome] += 1
-            elif fx.kind == "unreachable":
-                steps[(fx.journey, fx.detail)]["unreachable"] += 1
+            elif fx.kind in ("unreachable", "template_error"):
+                steps[(fx.journey, fx.detail)][fx.kind] += 1
             elif fx.kind in ("entered", "converted"):
                 j[fx.kind] += 1
             elif fx.kind in ("exited", "skipped", "sent"):

@@ -14,11 +14,18 @@ call runner, `simulate` and the benchmarks cannot drift apart:
                                (too large for the topic: a stub with sizes and hashes, header stub)
 
 Every message is keyed by user id (the co-partitioning key of the worker's inputs).
+
+Signatures: with a topic secret configured (`NUDGEFLOW_TOPIC_SECRET`), every send request, call
+request, call result and feedback message carries header `nudgeflow_sig`, the hex HMAC-SHA256 of
+its kind, key and value; their consumers drop (dead-letter, count) what does not verify, so
+whoever can produce to these topics without the secret cannot silence a user's channel, put text
+into a customer's message or make the call runner call anything (README "Security model").
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -46,6 +53,53 @@ class Encoded:
     headers: Headers | None = None
 
 
+# --- signatures ------------------------------------------------------------------------------
+
+SIGNATURE_HEADER = "nudgeflow_sig"
+SignedKind = str  # "send", "call", "feedback" (feedback and call results share their topic)
+
+
+class Signer:
+    """Signs and verifies nudgeflow's internal messages with the topic secret; without a secret it
+    signs nothing and accepts everything (the default, for a cluster where ACLs alone decide who
+    may produce: README "Security model")."""
+
+    __slots__ = ("_key",)
+
+    def __init__(self, secret: str | bytes | None = None) -> None:
+        self._key = secret.encode() if isinstance(secret, str) else secret
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._key)
+
+    def _mac(self, kind: SignedKind, key: bytes | None, value: bytes | None) -> bytes:
+        assert self._key
+        m = hmac.new(self._key, kind.encode(), hashlib.sha256)
+        m.update(b"\0%d\0" % len(key or b""))
+        m.update(key or b"")
+        m.update(value or b"")
+        return m.hexdigest().encode()
+
+    def sign(self, kind: SignedKind, enc: Encoded) -> Encoded:
+        if not self._key:
+            return enc
+        return Encoded(
+            enc.key, enc.value, [*(enc.headers or []), (SIGNATURE_HEADER, self._mac(kind, enc.key, enc.value))]
+        )
+
+    def valid(
+        self, kind: SignedKind, key: bytes | None, value: bytes | None, headers: Headers | list[Any] | None
+    ) -> bool:
+        if not self._key:
+            return True
+        got = next((v for k, v in headers or () if k == SIGNATURE_HEADER), None)
+        return isinstance(got, bytes) and hmac.compare_digest(got, self._mac(kind, key, value))
+
+
+UNSIGNED = Signer()
+
+
 # --- send requests ---------------------------------------------------------------------------
 
 _SEND = TypeAdapter(SendRequest)
@@ -71,8 +125,9 @@ def send_request_doc(req: SendRequest) -> dict[str, Any]:
     }
 
 
-def encode_send_request(req: SendRequest) -> Encoded:
-    return Encoded(req.user_id.encode(), orjson.dumps(send_request_doc(req)), [(IDEMPOTENCY_HEADER, req.key.encode())])
+def encode_send_request(req: SendRequest, signer: Signer = UNSIGNED) -> Encoded:
+    enc = Encoded(req.user_id.encode(), orjson.dumps(send_request_doc(req)), [(IDEMPOTENCY_HEADER, req.key.encode())])
+    return signer.sign("send", enc)
 
 
 def decode_send_request(value: bytes | None) -> SendRequest:
@@ -89,7 +144,7 @@ def _validated(adapter: TypeAdapter[T], value: bytes | None, what: str) -> T:
 # --- call requests and results ---------------------------------------------------------------
 
 
-def encode_call_request(req: CallRequest) -> Encoded:
+def encode_call_request(req: CallRequest, signer: Signer = UNSIGNED) -> Encoded:
     doc = {
         "key": req.key,
         "user_id": req.user_id,
@@ -102,21 +157,23 @@ def encode_call_request(req: CallRequest) -> Encoded:
         "timeout_ms": req.timeout_ms,
         "created_at": req.created_at,
     }
-    return Encoded(req.user_id.encode(), orjson.dumps(doc), [(IDEMPOTENCY_HEADER, req.key.encode())])
+    return signer.sign(
+        "call", Encoded(req.user_id.encode(), orjson.dumps(doc), [(IDEMPOTENCY_HEADER, req.key.encode())])
+    )
 
 
 def decode_call_request(value: bytes | None) -> CallRequest:
     return _validated(_CALL, value, "call request")
 
 
-def encode_call_result(res: CallResult) -> Encoded:
+def encode_call_result(res: CallResult, signer: Signer = UNSIGNED) -> Encoded:
     doc = {"user_id": res.user_id, "type": "call_result", "key": res.key, "ok": res.ok, "body": res.body}
-    return Encoded(res.user_id.encode(), orjson.dumps(doc))
+    return signer.sign("feedback", Encoded(res.user_id.encode(), orjson.dumps(doc)))
 
 
-def encode_feedback(fb: Feedback) -> Encoded:
+def encode_feedback(fb: Feedback, signer: Signer = UNSIGNED) -> Encoded:
     doc = {"user_id": fb.user_id, "type": "feedback", "channel": fb.channel, "status": fb.status}
-    return Encoded(fb.user_id.encode(), orjson.dumps(doc))
+    return signer.sign("feedback", Encoded(fb.user_id.encode(), orjson.dumps(doc)))
 
 
 def decode_feedback(user: str, doc: dict[str, Any]) -> Feedback | CallResult:

@@ -1,0 +1,18 @@
+"""Prometheus metrics of the channel-side processes (senders, call runner): served on
+`NUDGEFLOW_CHANNEL_METRICS_PORT` when it is set. Names are the contract with dashboards: see README."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter
+
+OUTBOUND_REFUSED = Counter(
+    "nudgeflow_outbound_refused_total",
+    "Outbound HTTP requests refused by the policy or cut off (host, address, redirects, answer size)",
+    ["kind", "reason"],
+)
+CALLS = Counter("nudgeflow_calls_total", "Calls answered by the call runner", ["outcome"])
+FORGED = Counter(
+    "nudgeflow_forged_messages_total",
+    "Internal messages dropped: no valid signature (NUDGEFLOW_TOPIC_SECRET)",
+    ["topic"],
+)
