@@ -208,7 +208,7 @@ class Counter:
 def counter_id(event: str, where: Any) -> str:
     """Stable id of (event, filter): history survives journey edits that keep the same filter."""
     canon = orjson.dumps([event, where], option=orjson.OPT_SORT_KEYS, default=str)
-    return event + "#" + hashlib.sha1(canon).hexdigest()[:8]
+    return event + "#" + hashlib.sha1(canon, usedforsecurity=False).hexdigest()[:8]
 
 
 class CounterRegistry:

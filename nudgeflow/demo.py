@@ -47,7 +47,7 @@ class Traffic(threading.Thread):
 
     def __init__(self, bootstrap: str, topics: Topics, users: int, rate: float, seed: int = 7) -> None:
         super().__init__(daemon=True, name="demo-traffic")
-        self.topics, self.users, self.rate, self.rng = topics, users, rate, random.Random(seed)
+        self.topics, self.users, self.rate, self.rng = topics, users, rate, random.Random(seed)  # nosec B311
         self.producer = Producer(
             {"bootstrap.servers": bootstrap, "linger.ms": 20, "log_level": 3, "partitioner": "murmur2_random"}
         )

@@ -74,8 +74,7 @@ class Signer:
         return bool(self._key)
 
     def _mac(self, kind: SignedKind, key: bytes | None, value: bytes | None) -> bytes:
-        assert self._key
-        m = hmac.new(self._key, kind.encode(), hashlib.sha256)
+        m = hmac.new(self._key or b"", kind.encode(), hashlib.sha256)
         m.update(b"\0%d\0" % len(key or b""))
         m.update(key or b"")
         m.update(value or b"")
