@@ -35,6 +35,14 @@ class ChangelogBehind(RestoreError):
     created again, or truncated): the local state cannot be trusted to match it."""
 
 
+def _behind(changelog: str, p: int, start: int) -> ChangelogBehind:
+    return ChangelogBehind(
+        f"the local store of partition {p} holds changelog offsets up to {start - 1}, which {changelog} does "
+        "not have (deleted and created again, or truncated): point NUDGEFLOW_DATA_DIR at an empty directory "
+        "(state is restored from the changelog) or delete this one"
+    )
+
+
 @dataclass
 class Restored:
     partition: int
@@ -94,12 +102,7 @@ def restore_partitions(
                         ended.append(p)
                         continue
                     if err.code() == KafkaError._AUTO_OFFSET_RESET:
-                        raise ChangelogBehind(
-                            f"the local store of partition {p} holds changelog offsets up to {starts[p] - 1}, which "
-                            f"{changelog} does not have (deleted and created again, or truncated): point "
-                            "NUDGEFLOW_DATA_DIR at an empty directory (state is restored from the changelog) "
-                            "or delete this one"
-                        )
+                        raise _behind(changelog, p, starts[p])
                     raise RestoreError(f"cannot read {changelog}[{p}]: {err}")
                 key = m.key()
                 if key is not None:
@@ -107,6 +110,12 @@ def restore_partitions(
                 last[p] = m.offset()
                 if first[p] is None:
                     first[p] = m.offset()
+            if not msgs:  # a broker that answers a fetch past the end with no error (Tansu): its high watermark
+                for p in partitions:
+                    if p not in done and first[p] is None and starts[p] >= 0:
+                        _, high = consumer.get_watermark_offsets(TopicPartition(changelog, p), cached=True)
+                        if 0 <= high < starts[p]:
+                            raise _behind(changelog, p, starts[p])
             if msgs:
                 quiet_since = time.monotonic()
             elif time.monotonic() - quiet_since > idle_timeout:

@@ -39,3 +39,22 @@ def test_a_signal_stops_the_worker_cleanly(broker: EmbeddedBroker, tmp_path: Pat
         assert len(keys) == len(set(keys)) == 3
     finally:
         w.stop()
+
+
+def test_a_worker_stops_within_10_s_when_the_broker_does_not_answer(tmp_path: Path) -> None:
+    own = EmbeddedBroker(log_path=tmp_path / "tansu.log").start()  # frozen below: not the shared one
+    w = new_worker(own, tmp_path, HERE / "journeys").start()
+    try:
+        assert own.proc is not None and w.proc is not None
+        own.proc.send_signal(signal.SIGSTOP)
+        t0 = time.monotonic()
+        w.proc.send_signal(signal.SIGTERM)
+        code = w.proc.wait(30)
+        took = time.monotonic() - t0
+        assert code == 0 and took < 10, (code, took)
+        assert "Traceback" not in w.log.with_suffix(".err").read_text()
+    finally:
+        if own.proc is not None:
+            own.proc.send_signal(signal.SIGCONT)
+        w.stop()
+        own.stop()

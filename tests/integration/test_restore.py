@@ -1,0 +1,54 @@
+"""Restore from the changelog over TCP: a local store that holds changelog offsets the changelog
+does not have (it was deleted and created again) is refused with a clear error, never silently
+mixed; a store that is behind is brought up to the changelog's end."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from confluent_kafka import Producer
+
+from nudgeflow.agents.restore import ChangelogBehind, restore_partitions
+from nudgeflow.broker import EmbeddedBroker, ensure_topics
+
+pytestmark = pytest.mark.integration
+
+
+class Store:
+    """What restore_partitions needs of the state store: the held offset, and somewhere to write."""
+
+    def __init__(self, held: int | None) -> None:
+        self.held = held
+        self.records: list[tuple[bytes, bytes | None]] = []
+
+    def changelog_offset(self, partition: int) -> int | None:
+        return self.held
+
+    def restore(self, partition: int, records: list[tuple[bytes, bytes | None]], last: int) -> None:
+        self.records += records
+        self.held = last
+
+
+def changelog_with(broker: EmbeddedBroker, n: int) -> str:
+    name = f"restore-{uuid.uuid4().hex[:8]}-changelog"
+    ensure_topics(broker.bootstrap, [name], 1, 86_400_000)
+    p = Producer({"bootstrap.servers": broker.bootstrap})
+    for i in range(n):
+        p.produce(name, key=f"u:{i}".encode(), value=b"{}", partition=0)
+    p.flush(10)
+    return name
+
+
+def test_a_store_ahead_of_its_changelog_is_refused(broker: EmbeddedBroker) -> None:
+    name = changelog_with(broker, 3)
+    with pytest.raises(ChangelogBehind) as e:
+        restore_partitions({"bootstrap.servers": broker.bootstrap}, name, [0], Store(held=500), idle_timeout=20)  # type: ignore[arg-type]
+    assert "NUDGEFLOW_DATA_DIR" in str(e.value) and "up to 500" in str(e.value)
+
+
+def test_a_store_behind_its_changelog_reads_the_rest(broker: EmbeddedBroker) -> None:
+    name = changelog_with(broker, 5)
+    store = Store(held=1)
+    (r,) = restore_partitions({"bootstrap.servers": broker.bootstrap}, name, [0], store, idle_timeout=20)  # type: ignore[arg-type]
+    assert [k for k, _ in store.records] == [b"u:2", b"u:3", b"u:4"] and r.end == 5 and store.held == 4
