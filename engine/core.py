@@ -588,7 +588,8 @@ class _Run:
         return None
 
     def run_split(self, j: g.Journey, inst: Instance, node: g.Split) -> str:
-        digest = hashlib.sha1(f"{j.id}|{self.user}|{inst['entry_no']}|{node.id}".encode(), usedforsecurity=False).hexdigest()
+        seed = f"{j.id}|{self.user}|{inst['entry_no']}|{node.id}".encode()
+        digest = hashlib.sha1(seed, usedforsecurity=False).hexdigest()
         bucket = int(digest[:8], 16) % 100
         target = next(nxt for upper, nxt in node.arms if bucket < upper)
         if target == g.END:
