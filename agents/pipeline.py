@@ -80,12 +80,14 @@ class Pipeline(Service):
         self.inputs = [*topics.user_inputs, topics.feedback]  # read by this loop (ticks: Faust's)
         self.partitions: list[int] = []
         self.ready = False  # partitions assigned and restored
+        self.beat = time.monotonic()  # the loop turned (agents/health.py: liveness)
+        self.ended = False  # the loop ended without being asked to
         self._pause = False  # a rebalance or a stop asked the loop to stand still
         self._paused = asyncio.Event()
         self._inflight: BatchOutput | None = None
         self._inflight_t0, self._inflight_n = 0.0, 0
         self._assigned_at = 0.0
-        self._last_scan = 0.0
+        self._last_scan = self._last_lag = 0.0
         self._wake = asyncio.Event()
 
     # --- lifecycle ------------------------------------------------------------------------------
@@ -126,10 +128,20 @@ class Pipeline(Service):
         t0 = time.monotonic()
         loop = asyncio.get_running_loop()
         total = 0
+
+        def progress(p: int, records: int, remaining: int | None) -> None:  # (from the restore's thread)
+            self.beat = time.monotonic()
+            if remaining is not None:
+                metrics.RESTORE_REMAINING.labels(str(p)).set(remaining)
+
         restored = await loop.run_in_executor(
-            None, restore_partitions, self.cfg.client_conf, self.changelog, sorted(partitions), self.store
+            None,
+            lambda: restore_partitions(
+                self.cfg.client_conf, self.changelog, sorted(partitions), self.store, progress=progress
+            ),
         )
         for done in restored:
+            metrics.RESTORE_REMAINING.labels(str(done.partition)).set(0)
             total += done.records
             metrics.RESTORED_RECORDS.labels(str(done.partition)).set(done.records)
             if done.records:
@@ -165,6 +177,7 @@ class Pipeline(Service):
     async def _run(self) -> None:
         try:
             while not self.should_stop:
+                self.beat = time.monotonic()
                 if self._pause or not self.ready:
                     await self._stand_still()
                     continue
@@ -177,6 +190,7 @@ class Pipeline(Service):
                     await asyncio.sleep(1.0)
                     await self._start(partitions)
         finally:  # stopping: the batch in flight is made durable (or given up), then stand still
+            self.ended = not self.should_stop
             self._pause = True
             if self._inflight is not None:
                 await self._settle()
@@ -225,6 +239,9 @@ class Pipeline(Service):
         if now - self._last_scan >= cfg.timer_interval_ms / 1000:
             self._last_scan = now
             ready += self._due_ticks(now)
+        if now - self._last_lag >= 1.0:
+            self._last_lag = now
+            self._consumer_lag()
         self.core.apply(ready, self.store, out)
         self._positions(out)
         await self._settle()
@@ -250,6 +267,15 @@ class Pipeline(Service):
             metrics.EVENT_TIME_LAG.labels(str(p)).set(lag)
         due = self.scanner.collect_due(int(now * 1000), lambda p: gates.get(p, float("-inf")))
         return [Item(ticks_topic, p, -1, Tick(user), at) for p, at, user in due]
+
+    def _consumer_lag(self) -> None:
+        """Per input partition: messages between where a restart would resume (the stored position,
+        or what this batch makes durable) and the latest fetch's high watermark."""
+        aligner = self.aligner
+        for (topic, p), high in self.reader.high_watermarks().items():
+            pos = aligner.position(topic, p)
+            if pos is not None:
+                metrics.CONSUMER_LAG.labels(self.topics.base(topic), str(p)).set(max(0, high - pos))
 
     def _positions(self, out: BatchOutput) -> None:
         """Where each input read in this batch resumes once the batch is durable."""

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import orjson
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 
+from nudgeflow.broker import Target, client_conf
 from nudgeflow.engine.errors import NudgeflowError
 from nudgeflow.engine.graph import JourneySet
 
@@ -46,9 +47,9 @@ class Registry:
     incarnation: str | None  # the first id ever recorded: names this cluster's nudgeflow data
 
 
-def read_registry(bootstrap: str, topic: str, timeout: float = 30.0) -> Registry:
+def read_registry(bootstrap: Target, topic: str, timeout: float = 30.0) -> Registry:
     consumer = Consumer(
-        {"bootstrap.servers": bootstrap, "group.id": "nudgeflow-registry", "enable.auto.commit": False, "log_level": 3}
+        client_conf(bootstrap, **{"group.id": "nudgeflow-registry", "enable.auto.commit": False, "log_level": 3})
     )
     seen: dict[str, str] = {}
     incarnation: str | None = None
@@ -85,7 +86,7 @@ def edits(journeys: JourneySet, recorded: dict[str, str]) -> list[Edit]:
     return out
 
 
-def check_and_record(bootstrap: str, topic: str, journeys: JourneySet, accept_edits: bool) -> tuple[list[Edit], str]:
+def check_and_record(bootstrap: Target, topic: str, journeys: JourneySet, accept_edits: bool) -> tuple[list[Edit], str]:
     """Refuse edited journeys (unless accepted); record this set. Returns the accepted edits and
     the cluster's incarnation id (created by the first worker ever; the earliest record wins)."""
     registry = read_registry(bootstrap, topic)
@@ -105,7 +106,7 @@ def check_and_record(bootstrap: str, topic: str, journeys: JourneySet, accept_ed
     merged = {**recorded, **{f"{j.id}@{j.version}": j.digest for j in journeys.journeys.values()}}
     incarnation = registry.incarnation
     if merged != recorded or incarnation is None:
-        producer = Producer({"bootstrap.servers": bootstrap, "log_level": 3, "linger.ms": 0})
+        producer = Producer(client_conf(bootstrap, **{"log_level": 3, "linger.ms": 0}))
         doc = {"journeys": merged, "incarnation": incarnation or uuid.uuid4().hex}
         producer.produce(topic, key=b"registry", value=orjson.dumps(doc))
         if producer.flush(30):

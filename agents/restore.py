@@ -59,11 +59,11 @@ def restore_partitions(
     store: StateStore,
     chunk: int = 20_000,
     idle_timeout: float = 60.0,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Callable[[int, int, int | None], None] | None = None,
     should_stop: Callable[[], bool] = lambda: False,
 ) -> list[Restored]:
     """Bring each partition's store up to the end of its changelog, all read by one consumer.
-    `progress(partition, records so far)` is called after every chunk; `should_stop()` aborts
+    `progress(partition, records so far, records remaining or None)` is called after every chunk; `should_stop()` aborts
     between chunks."""
     t0 = time.monotonic()
     starts = {}
@@ -126,7 +126,8 @@ def restore_partitions(
                     count[p] += len(recs)
                     pending[p] = []
                     if progress:
-                        progress(p, count[p])
+                        _, high = consumer.get_watermark_offsets(TopicPartition(changelog, p), cached=True)
+                        progress(p, count[p], max(0, high - cast(int, last[p]) - 1) if high >= 0 else None)
             for p in ended:
                 if p not in done and not pending[p]:
                     done[p] = time.monotonic() - t0

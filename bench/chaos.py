@@ -262,12 +262,13 @@ def main() -> None:
         producing = threading.Thread(target=traffic.run)
         producing.start()
         t0 = time.monotonic()
+        print(f"traffic starts at epoch {time.time():.3f}", flush=True)
         gap = a.seconds / (a.kills + 2)
         freeze_at = rng.randrange(a.kills // 3, 2 * a.kills // 3)
         froze = 0.0
         for k in range(a.kills):
             time.sleep(gap * rng.uniform(0.6, 1.2))
-            if k == freeze_at:
+            if k == freeze_at and a.freeze > 0:
                 assert broker.proc is not None
                 print(f"{time.monotonic() - t0:6.1f}s freeze the broker for {a.freeze:.0f} s", flush=True)
                 broker.proc.send_signal(signal.SIGSTOP)
@@ -295,7 +296,10 @@ def main() -> None:
             capture_output=True,
             check=True,
         ).stdout
-        expected = {orjson.loads(x)["key"] for x in expected_out.splitlines() if b'"type":"send"' in x}
+        expected_docs = {
+            (d := orjson.loads(x))["key"]: d for x in expected_out.splitlines() if b'"type":"send"' in x
+        }
+        expected = set(expected_docs)
 
         def sent_keys() -> Counter[str]:
             return Counter(orjson.loads(m.value())["key"] for m in read_topic(broker.bootstrap, topics.channel("push")))
@@ -326,6 +330,12 @@ def main() -> None:
         "delivered_extra": len(received - expected),
         "redelivered_deduplicated": sum(n - 1 for n in endpoint.received.values()),
     }
+    lost_file = work / "lost.jsonl"
+    with lost_file.open("wb") as f:
+        for k in sorted(expected - got):
+            f.write(orjson.dumps(expected_docs[k]) + b"\n")
+    if expected - got:
+        print(f"lost send requests (as simulate made them): {lost_file}")
     ok = not (result["topic_lost"] or result["topic_extra"] or result["delivered_lost"] or result["delivered_extra"])
     print(
         f"\n{traffic.produced} events in {a.seconds:.0f} s; kills {result['kills']}; broker frozen {froze:.0f} s\n"

@@ -29,6 +29,7 @@ import httpx
 import orjson
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_exponential
 
+from nudgeflow.broker import Target
 from nudgeflow.channels import metrics
 from nudgeflow.channels.consumer import BatchConsumer
 from nudgeflow.channels.outbound import Outbound, OutboundPolicy, Refused
@@ -68,7 +69,7 @@ class CallRunner(BatchConsumer):
 
     def __init__(
         self,
-        bootstrap: str,
+        bootstrap: Target,
         topics: Topics,
         group: str,
         state_dir: Path,

@@ -10,12 +10,14 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, Producer
 
+from nudgeflow.broker import Target, client_conf
 
-def channel_consumer(bootstrap: str, group: str, session_timeout_ms: int) -> Consumer:
+
+def channel_consumer(bootstrap: Target, group: str, session_timeout_ms: int) -> Consumer:
     """At-least-once: offsets are committed by hand, after the work is done."""
     return Consumer(
-        {
-            "bootstrap.servers": bootstrap,
+        client_conf(bootstrap)
+        | {
             "group.id": group,
             "auto.offset.reset": "earliest",
             "enable.auto.commit": False,
@@ -25,10 +27,10 @@ def channel_consumer(bootstrap: str, group: str, session_timeout_ms: int) -> Con
     )
 
 
-def feedback_producer(bootstrap: str) -> Producer:
+def feedback_producer(bootstrap: Target) -> Producer:
     """murmur2, the partitioner the input topics are expected to use (Java clients' default), so
     what goes back to the worker lands on the partition that holds the user's state."""
-    return Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "log_level": 3, "partitioner": "murmur2_random"})
+    return Producer(client_conf(bootstrap, **{"linger.ms": 5, "log_level": 3, "partitioner": "murmur2_random"}))
 
 
 def ok_messages(msgs: Iterable[Any], log: logging.Logger) -> Iterator[Any]:

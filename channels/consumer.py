@@ -15,6 +15,7 @@ from typing import Any
 
 from rocksdict import Options, Rdict
 
+from nudgeflow.broker import Target
 from nudgeflow.channels.clients import channel_consumer, feedback_producer, ok_messages
 
 
@@ -47,7 +48,7 @@ class BatchConsumer(ABC):
     batch_max = 500
 
     def __init__(
-        self, bootstrap: str, topic: str, group: str, keys_dir: Path, session_timeout_ms: int, log: logging.Logger
+        self, bootstrap: Target, topic: str, group: str, keys_dir: Path, session_timeout_ms: int, log: logging.Logger
     ) -> None:
         self.topic, self.log = topic, log
         self.consumer = channel_consumer(bootstrap, group, session_timeout_ms)

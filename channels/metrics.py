@@ -16,3 +16,12 @@ FORGED = Counter(
     "Internal messages dropped: no valid signature (NUDGEFLOW_TOPIC_SECRET)",
     ["topic"],
 )
+DELIVERIES = Counter(
+    "nudgeflow_sender_deliveries_total",
+    "Send requests handled by a sender: delivered, unreachable, dead_lettered, duplicate",
+    ["channel", "provider", "result"],
+)
+DEAD_LETTERS = Counter(
+    "nudgeflow_sender_dead_letters_total", "Send requests a sender dead-lettered", ["channel", "reason"]
+)
+RETRIES = Counter("nudgeflow_sender_retries_total", "Provider calls tried again after a transient failure", ["channel"])

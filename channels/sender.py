@@ -23,6 +23,7 @@ from tenacity import (
     wait_random_exponential,
 )
 
+from nudgeflow.broker import Target
 from nudgeflow.channels import metrics
 from nudgeflow.channels.clients import run_until_signalled
 from nudgeflow.channels.consumer import BatchConsumer
@@ -37,7 +38,7 @@ log = logging.getLogger("nudgeflow.sender")
 class Sender(BatchConsumer):
     def __init__(
         self,
-        bootstrap: str,
+        bootstrap: Target,
         channel: str,
         provider: Provider,
         topics: Topics,
@@ -72,12 +73,15 @@ class Sender(BatchConsumer):
                 continue
             if req.key in self.keys:
                 self.duplicates += 1
+                self._count("duplicate")
                 continue
             try:
                 await self._deliver(req)
                 self.delivered += 1
+                self._count("delivered")
             except Unreachable as e:
                 self.unreachable += 1
+                self._count("unreachable")
                 log.info("user %s unreachable on %s (%s)", req.user_id, self.channel, e.reason)
                 self._produce(
                     self.topics.feedback,
@@ -89,6 +93,7 @@ class Sender(BatchConsumer):
                     )
             except (Permanent, Transient) as e:
                 self.dead += 1
+                self._count("dead_lettered")
                 log.warning("send %s for user %s dead-lettered: %s", req.key[:12], req.user_id, e.reason)
                 self._dead(m, "permanent" if isinstance(e, Permanent) else "retries_exhausted", e.reason)
             self.keys.add(req.key)
@@ -103,9 +108,14 @@ class Sender(BatchConsumer):
             with attempt:
                 if attempt.retry_state.attempt_number > 1:
                     self.retries += 1
+                    metrics.RETRIES.labels(self.channel).inc()
                 await self.provider.deliver(req)
 
+    def _count(self, result: str) -> None:
+        metrics.DELIVERIES.labels(self.channel, self.provider.name, result).inc()
+
     def _dead(self, m: Any, reason: str, detail: str) -> None:
+        metrics.DEAD_LETTERS.labels(self.channel, reason).inc()
         headers = [("reason", reason.encode()), ("detail", detail.encode()), ("channel", self.channel.encode())]
         headers += [(f"original.{k}", v) for k, v in (m.headers() or [])]
         self.producer.produce(self.topics.send_dead_letter, key=m.key(), value=m.value(), headers=headers)

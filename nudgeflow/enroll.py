@@ -17,6 +17,7 @@ from typing import Any
 
 import orjson
 
+from nudgeflow.broker import Target, client_conf
 from nudgeflow.engine.errors import NudgeflowError
 from nudgeflow.streams.events import ENROLL_EVENT, RELEASE_EVENT
 
@@ -48,7 +49,7 @@ def enroll_events(path: Path, journey: str, now_ms: int | None = None) -> Iterat
             )
 
 
-def produce_enrollments(bootstrap: str, topic: str, path: Path, journey: str) -> int:
+def produce_enrollments(bootstrap: Target, topic: str, path: Path, journey: str) -> int:
     return produce_user_events(bootstrap, topic, enroll_events(path, journey))
 
 
@@ -58,18 +59,15 @@ def release_events(users: Iterable[str], ts: int) -> Iterator[tuple[str, dict[st
         yield user, {"user_id": user, "event": RELEASE_EVENT, "ts": ts}
 
 
-def produce_user_events(bootstrap: str, topic: str, events: Iterable[tuple[str, dict[str, Any]]]) -> int:
+def produce_user_events(bootstrap: Target, topic: str, events: Iterable[tuple[str, dict[str, Any]]]) -> int:
     """Produce (user, event) pairs keyed by user, with the input topics' partitioner."""
     from confluent_kafka import Producer
 
     producer = Producer(
-        {
-            "bootstrap.servers": bootstrap,
-            "partitioner": "murmur2_random",
-            "linger.ms": 20,
-            "enable.idempotence": True,
-            "log_level": 3,
-        }
+        client_conf(
+            bootstrap,
+            **{"partitioner": "murmur2_random", "linger.ms": 20, "enable.idempotence": True, "log_level": 3},
+        )
     )
     n = 0
     for user, event in events:

@@ -6,7 +6,7 @@ See README "Configuration" for the table of settings.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -15,11 +15,31 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="NUDGEFLOW_", extra="forbid", frozen=True)
 
-    broker: str = Field("embedded", description="kafka://host:9092[,host2:9092], or 'embedded' (Tansu)")
+    broker: str | None = Field(
+        None,
+        description="kafka://host:9092[,host2:9092], or 'embedded' (an in-memory Tansu: demos and tests); "
+        "`nudgeflow run` refuses to start without one",
+    )
     app_id: str = Field("nudgeflow", description="consumer group and state table prefix")
     topic_prefix: str = Field("", description="prefix for every topic name")
     partitions: int = Field(4, ge=1, description="partitions of topics nudgeflow creates")
     create_topics: bool = Field(True, description="create missing topics at start")
+    replication_factor: int = Field(
+        1,
+        ge=1,
+        description="replication of the topics nudgeflow creates, the state changelog included (3 in production)",
+    )
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="security.protocol of every Kafka client (worker, senders, call runner, tools)"
+    )
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = Field(
+        "PLAIN", description="sasl.mechanism with SASL_PLAINTEXT / SASL_SSL"
+    )
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_ssl_cafile: Path | None = Field(None, description="CA bundle to verify the brokers (default: the system's)")
+    kafka_ssl_certfile: Path | None = Field(None, description="client certificate (mutual TLS)")
+    kafka_ssl_keyfile: Path | None = Field(None, description="client key (mutual TLS)")
     retention_ms: int = Field(7 * 86_400_000, description="retention.ms of created topics")
     journeys: list[Path] = Field([Path("journeys")], description="journey files or directories")
     data_dir: Path = Field(Path("nudgeflow-data"), description="RocksDB state directory")
@@ -106,14 +126,31 @@ class Settings(BaseSettings):
 
     @field_validator("broker")
     @classmethod
-    def _broker(cls, v: str) -> str:
-        if v != "embedded" and not v.startswith("kafka://"):
+    def _broker(cls, v: str | None) -> str | None:
+        if v is not None and v != "embedded" and not v.startswith("kafka://"):
             raise ValueError("broker must be 'embedded' or kafka://host:port[,host:port]")
         return v
+
+    def kafka_conf(self) -> dict[str, Any]:
+        """confluent-kafka settings every client of these settings starts from: brokers and security."""
+        conf: dict[str, Any] = {"bootstrap.servers": self.bootstrap, "security.protocol": self.kafka_security_protocol}
+        if self.kafka_security_protocol.startswith("SASL"):
+            conf["sasl.mechanism"] = self.kafka_sasl_mechanism
+            conf["sasl.username"] = self.kafka_sasl_username or ""
+            conf["sasl.password"] = self.kafka_sasl_password.get_secret_value() if self.kafka_sasl_password else ""
+        if self.kafka_security_protocol.endswith("SSL"):
+            for key, path in (
+                ("ssl.ca.location", self.kafka_ssl_cafile),
+                ("ssl.certificate.location", self.kafka_ssl_certfile),
+                ("ssl.key.location", self.kafka_ssl_keyfile),
+            ):
+                if path is not None:
+                    conf[key] = str(path)
+        return conf
 
     @property
     def bootstrap(self) -> str:
         """host:port list for confluent-kafka."""
-        if self.broker == "embedded":
-            raise ValueError("the embedded broker has no address until it is started")
+        if self.broker is None or self.broker == "embedded":
+            raise ValueError("no broker address: set NUDGEFLOW_BROKER=kafka://host:port")
         return ",".join(h.removeprefix("kafka://") for h in self.broker.split(","))

@@ -11,9 +11,8 @@ import threading
 from typing import Any
 
 import faust
-from prometheus_client import start_http_server
 
-from nudgeflow.agents import datadir, metrics
+from nudgeflow.agents import datadir, health, metrics
 from nudgeflow.agents.app import build_app
 from nudgeflow.agents.registry import REGISTRY_CONFIG, check_and_record
 from nudgeflow.broker import TANSU_CLUSTER_ID, EmbeddedBroker, cluster_identity, ensure_topics
@@ -37,14 +36,13 @@ def all_topics(topics: Topics) -> list[str]:
 
 
 def start_metrics(host: str, port: int) -> int:
+    """/metrics, /healthz and /readyz (agents/health.py) on one port; the port bound."""
     try:
-        server, _thread = start_http_server(port, addr=host)
+        return health.serve(host, port)
     except OSError as e:
         raise ConfigError(
             f"cannot serve metrics on {host}:{port} ({e.strerror}): set NUDGEFLOW_METRICS_PORT (0 picks a free port)"
         ) from None
-    bound: int = server.server_address[1]
-    return bound
 
 
 STOP_DEADLINE_S = 9.0  # after SIGTERM/SIGINT: README promises an exit within 10 s
@@ -88,19 +86,23 @@ def run_worker(settings: Settings) -> None:
         settings = settings.model_copy(update={"broker": f"kafka://{broker.bootstrap}"})
     try:
         topics = Topics(settings.topic_prefix)
+        kafka = settings.kafka_conf()
         if settings.create_topics:
             ensure_topics(
-                settings.bootstrap,
+                kafka,
                 all_topics(topics),
                 settings.partitions,
                 settings.retention_ms,
                 copartitioned=topics.inputs,
+                replication=settings.replication_factor,
             )
-            ensure_topics(settings.bootstrap, [topics.journey_registry], 1, -1, config=REGISTRY_CONFIG)
+            ensure_topics(
+                kafka, [topics.journey_registry], 1, -1, config=REGISTRY_CONFIG, replication=settings.replication_factor
+            )
         accepted, incarnation = check_and_record(
-            settings.bootstrap, topics.journey_registry, journeys, settings.accept_edited_journeys
+            kafka, topics.journey_registry, journeys, settings.accept_edited_journeys
         )
-        cluster_id = cluster_identity(settings.bootstrap)
+        cluster_id = cluster_identity(kafka)
         try:
             datadir.claim(settings.data_dir, cluster_id, incarnation, ephemeral_broker=cluster_id == TANSU_CLUSTER_ID)
         except OSError as err:

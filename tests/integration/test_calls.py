@@ -108,7 +108,7 @@ def test_call_step_uses_the_api_answer_and_falls_back_on_error(
         }
         assert sorted(SEEN) == ["/missing", "/recs", "/recs"]
         assert all(wire.Signer(SECRET).valid("send", m.key(), m.value(), m.headers()) for m in msgs)
-        assert wait_for(lambda: w.metric("nudgeflow_journey_step_outcomes_total", outcome="fetch:error") == 1)
+        assert wait_for(lambda: w.metric("nudgeflow_journey_step_outcomes_total", step="fetch", outcome="error") == 1)
         assert wait_for(lambda: w.metric("nudgeflow_invalid_events_total", reason="bad_signature") == 1)
     finally:
         runner.terminate()
