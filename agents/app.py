@@ -44,6 +44,11 @@ def client_conf(settings: Settings) -> dict[str, Any]:
     return settings.kafka_conf()
 
 
+def owners_topic(app_id: str) -> str:
+    """The compacted topic of partition owners (agents/owners.py), beside the changelog."""
+    return f"{app_id}-owners"
+
+
 def faust_credentials(s: Settings) -> Any:
     """The same security for Faust's own (aiokafka) clients: None, SSL or SASL credentials."""
     proto = s.kafka_security_protocol
@@ -137,6 +142,7 @@ def build_app(settings: Settings, journeys: JourneySet) -> tuple[faust.App, Pipe
             revoke_timeout_s=max(1.0, s.rebalance_timeout_s * 0.6),
             client_conf=conf,
             app_id=s.app_id,
+            owners_topic=owners_topic(s.app_id),
         ),
         loop=app.loop,
     )

@@ -4,6 +4,7 @@
     p:<input topic>                      -> b"<offset>": where this partition's input resumes
     t:<due, 8 bytes big-endian><user_id> -> b"1"   (the timer index, ordered by due time)
     __faust\\0offset__                    -> b"<offset>": the last changelog offset in this DB
+    o:gen                                -> b"<generation>": this store's ownership generation (local)
 
 User records and input positions are written to RocksDB and to the changelog in the same batch,
 so a restore brings back state and the input position that goes with it. The timer index is
@@ -17,6 +18,7 @@ USER = b"u:"
 POSITION = b"p:"
 TIMER = b"t:"
 CHANGELOG_OFFSET = b"__faust\x00offset__"
+OWNER_GEN = b"o:gen"  # local only: the ownership generation this store writes with (agents/owners.py)
 LEGACY_END_MARKER = b"m:end"  # written by nudgeflow 0.1 to the changelog; skipped on restore
 
 

@@ -39,6 +39,7 @@ from nudgeflow.agents.batch import BatchCore, BatchOutput, Item
 from nudgeflow.agents.inputs import InputReader
 from nudgeflow.agents.keys import position_key
 from nudgeflow.agents.output import DeliveryError, Output
+from nudgeflow.agents.owners import GEN_HEADER, claim, read_owners, tainted
 from nudgeflow.agents.restore import restore_partitions
 from nudgeflow.agents.store import StateStore
 from nudgeflow.agents.timers import TimerScanner
@@ -56,6 +57,7 @@ class PipelineConfig:
     revoke_timeout_s: float
     client_conf: dict[str, Any]
     app_id: str
+    owners_topic: str  # agents/owners.py
 
 
 class Pipeline(Service):
@@ -89,6 +91,7 @@ class Pipeline(Service):
         self._assigned_at = 0.0
         self._last_scan = self._last_lag = 0.0
         self._wake = asyncio.Event()
+        self.gen_headers: dict[int, list[tuple[str, bytes]]] = {}  # per partition: this owner's generation
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -134,13 +137,24 @@ class Pipeline(Service):
             if remaining is not None:
                 metrics.RESTORE_REMAINING.labels(str(p)).set(remaining)
 
+        local_gens, wipe = await loop.run_in_executor(None, self._claim, sorted(partitions))
         restored = await loop.run_in_executor(
             None,
             lambda: restore_partitions(
-                self.cfg.client_conf, self.changelog, sorted(partitions), self.store, progress=progress
+                self.cfg.client_conf,
+                self.changelog,
+                sorted(partitions),
+                self.store,
+                progress=progress,
+                gens=local_gens,
+                from_start=wipe,
             ),
         )
         for done in restored:
+            if done.fenced:
+                log.warning(
+                    "partition %d: %d changelog record(s) of a fenced-off owner skipped", done.partition, done.fenced
+                )
             metrics.RESTORE_REMAINING.labels(str(done.partition)).set(0)
             total += done.records
             metrics.RESTORED_RECORDS.labels(str(done.partition)).set(done.records)
@@ -171,6 +185,30 @@ class Pipeline(Service):
         self._pause, self.ready = False, True
         self._paused.clear()
         self._wake.set()
+
+    def _claim(self, partitions: list[int]) -> tuple[dict[int, int], list[int]]:
+        """Take ownership of the partitions (agents/owners.py): empty a local store that holds a
+        fenced-off owner's writes, fence the partitions with new generations. Returns the
+        generations the local stores were at (what their restore starts from) and the emptied."""
+        cfg, store = self.cfg, self.store
+        latest = read_owners(cfg.client_conf, cfg.owners_topic)
+        local = {p: store.owner_gen(p) for p in partitions}
+        wiped = []
+        for p in partitions:
+            if tainted(latest.get(p), local[p], store.changelog_offset(p)):
+                log.warning(
+                    "partition %d: the local store wrote after a newer owner took the partition over: "
+                    "emptied and restored from the changelog",
+                    p,
+                )
+                store.wipe(p)
+                wiped.append(p)
+                local[p] = None
+        gens = claim(cfg.client_conf, cfg.owners_topic, self.changelog, partitions, latest, local)
+        for p, gen in gens.items():
+            store.set_owner_gen(p, gen)
+        self.gen_headers = {p: [(GEN_HEADER, str(gen).encode())] for p, gen in gens.items()}
+        return {p: g for p, g in local.items() if g is not None}, wiped
 
     # --- the loop -------------------------------------------------------------------------------
 
@@ -287,10 +325,11 @@ class Pipeline(Service):
                 out.positions[(topic, p)] = pos
 
     def _produce(self, out: BatchOutput) -> None:
-        produce, changelog = self.output.produce, self.changelog
+        produce, changelog, gen_headers = self.output.produce, self.changelog, self.gen_headers
         for p, writes in out.writes.items():
+            headers = gen_headers.get(p)
             for key, value in writes:
-                produce(changelog, value, key, p, None)
+                produce(changelog, value, key, p, headers)
         for r in out.records:
             produce(r.topic, r.value, r.key, r.partition, r.headers)
 

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
+from nudgeflow.agents.owners import fence_gen, record_gen
 from nudgeflow.agents.store import StateStore
 from nudgeflow.engine.errors import NudgeflowError
 
@@ -50,6 +51,7 @@ class Restored:
     seconds: float
     start: int  # first changelog offset read
     end: int  # the changelog's end (next offset) when done
+    fenced: int = 0  # records skipped: written by an owner after a newer one had fenced it
 
 
 def restore_partitions(
@@ -61,6 +63,8 @@ def restore_partitions(
     idle_timeout: float = 60.0,
     progress: Callable[[int, int, int | None], None] | None = None,
     should_stop: Callable[[], bool] = lambda: False,
+    gens: Mapping[int, int] | None = None,
+    from_start: Sequence[int] = (),
 ) -> list[Restored]:
     """Bring each partition's store up to the end of its changelog, all read by one consumer.
     `progress(partition, records so far, records remaining or None)` is called after every chunk; `should_stop()` aborts
@@ -68,8 +72,12 @@ def restore_partitions(
     t0 = time.monotonic()
     starts = {}
     for p in partitions:
-        held = store.changelog_offset(p)
+        held = None if p in from_start else store.changelog_offset(p)
         starts[p] = held + 1 if held is not None else OFFSET_BEGINNING
+    # the newest ownership fence read so far per partition: older generations' records after it
+    # are a fenced-off zombie's (agents/owners.py); `gens` holds the fence the local store is at
+    fence = {p: (gens or {}).get(p, 0) if starts[p] != OFFSET_BEGINNING else 0 for p in partitions}
+    skipped = dict.fromkeys(partitions, 0)
     consumer = Consumer(
         {
             **client_conf,
@@ -106,7 +114,14 @@ def restore_partitions(
                     raise RestoreError(f"cannot read {changelog}[{p}]: {err}")
                 key = m.key()
                 if key is not None:
-                    pending[p].append((key, m.value()))
+                    gen = record_gen(m.headers())
+                    fg = fence_gen(key) if key[:1] == b"_" else None
+                    if fg is not None:
+                        fence[p] = max(fence[p], fg)
+                    elif gen is not None and gen < fence[p]:
+                        skipped[p] += 1
+                    else:
+                        pending[p].append((key, m.value()))
                 last[p] = m.offset()
                 if first[p] is None:
                     first[p] = m.offset()
@@ -138,5 +153,5 @@ def restore_partitions(
         lp = last[p]
         end = lp + 1 if lp is not None else (starts[p] if starts[p] >= 0 else 0)
         fp = first[p]
-        out.append(Restored(p, count[p], done.get(p, 0.0), fp if fp is not None else end, end))
+        out.append(Restored(p, count[p], done.get(p, 0.0), fp if fp is not None else end, end, skipped[p]))
     return out

@@ -16,7 +16,15 @@ from typing import Any
 from rocksdict import WriteBatch
 
 from nudgeflow.agents.batch import Write, record_wake
-from nudgeflow.agents.keys import CHANGELOG_OFFSET, LEGACY_END_MARKER, TIMER, USER, position_key, timer_key
+from nudgeflow.agents.keys import (
+    CHANGELOG_OFFSET,
+    LEGACY_END_MARKER,
+    OWNER_GEN,
+    TIMER,
+    USER,
+    position_key,
+    timer_key,
+)
 
 
 class StateStore:
@@ -70,6 +78,17 @@ class StateStore:
     def changelog_offset(self, partition: int) -> int | None:
         raw = self.db(partition).get(CHANGELOG_OFFSET)
         return int(raw) if raw is not None else None
+
+    def owner_gen(self, partition: int) -> int | None:
+        raw = self.db(partition).get(OWNER_GEN)
+        return int(raw) if raw is not None else None
+
+    def set_owner_gen(self, partition: int, gen: int) -> None:
+        self.db(partition).put(OWNER_GEN, str(gen).encode())
+
+    def wipe(self, partition: int) -> None:
+        """Empty the partition's store (every key: records, positions, timers, offsets)."""
+        self.db(partition).delete_range(b"", b"\xff")
 
     def restore(self, partition: int, records: Sequence[tuple[bytes, bytes | None]], last_offset: int) -> int:
         """Apply changelog records (in log order) to the partition's store with their timer-index

@@ -13,7 +13,8 @@ from typing import Any
 import faust
 
 from nudgeflow.agents import datadir, health, metrics
-from nudgeflow.agents.app import build_app
+from nudgeflow.agents.app import build_app, owners_topic
+from nudgeflow.agents.owners import OWNERS_CONFIG
 from nudgeflow.agents.registry import REGISTRY_CONFIG, check_and_record
 from nudgeflow.broker import TANSU_CLUSTER_ID, EmbeddedBroker, cluster_identity, ensure_topics
 from nudgeflow.engine.errors import ConfigError
@@ -98,6 +99,14 @@ def run_worker(settings: Settings) -> None:
             )
             ensure_topics(
                 kafka, [topics.journey_registry], 1, -1, config=REGISTRY_CONFIG, replication=settings.replication_factor
+            )
+            ensure_topics(
+                kafka,
+                [owners_topic(settings.app_id)],
+                1,
+                -1,
+                config=OWNERS_CONFIG,
+                replication=settings.replication_factor,
             )
         accepted, incarnation = check_and_record(
             kafka, topics.journey_registry, journeys, settings.accept_edited_journeys

@@ -153,4 +153,4 @@ def test_create_topics_script_creates_every_topic_the_worker_uses() -> None:
     created = {prefix + t for words, prefix in loops for t in words.split()}
     created |= set(re.findall(r'--topic "\$\{PREFIX\}([\w.]+)"', script))
     assert set(all_topics(Topics())) | {Topics().journey_registry} <= created, set(all_topics(Topics())) - created
-    assert "journey-state-changelog" in script and "cleanup.policy=compact" in script
+    assert "journey-state-changelog" in script and "cleanup.policy=compact" in script and "-owners" in script
