@@ -32,7 +32,6 @@ from nudgeflow.agents.timers import TimerScanner
 from nudgeflow.engine.graph import JourneySet
 from nudgeflow.settings import Settings
 from nudgeflow.streams.events import Decoder
-from nudgeflow.streams.topics import Topics
 from nudgeflow.streams.wire import Signer
 
 log = logging.getLogger("nudgeflow.worker")
@@ -74,7 +73,7 @@ def faust_credentials(s: Settings) -> Any:
 def build_app(settings: Settings, journeys: JourneySet) -> tuple[faust.App, Pipeline]:
     """The worker's Faust app for these settings (the broker already resolved to kafka://...)."""
     s, partitions = settings, settings.partitions
-    topics = Topics(s.topic_prefix)
+    topics = s.topics()
     app = faust.App(
         s.app_id,
         broker=f"kafka://{s.bootstrap}",
@@ -111,7 +110,7 @@ def build_app(settings: Settings, journeys: JourneySet) -> tuple[faust.App, Pipe
     conf = client_conf(s)
     changelog = table.changelog_topic.get_topic_name()
     store = StateStore(table)
-    decoder = Decoder(s.max_event_bytes, s.max_future_ms, s.topic_prefix)
+    decoder = Decoder(s.max_event_bytes, s.max_future_ms, topics=topics)
     core = BatchCore(
         journeys,
         topics,

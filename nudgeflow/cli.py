@@ -134,7 +134,6 @@ def send(
     """Run a sender: deliver the send requests of one channel topic, once per idempotency key."""
     from nudgeflow.channels.providers import make_provider
     from nudgeflow.channels.sender import Sender, run_sender
-    from nudgeflow.streams.topics import Topics
 
     s = remote_settings("a sender", broker=broker, topic_prefix=topic_prefix, data_dir=data_dir)
     if channel not in CHANNELS:
@@ -149,7 +148,7 @@ def send(
         s.kafka_conf(),
         channel,
         chosen,
-        Topics(s.topic_prefix),
+        s.topics(),
         group or f"{s.app_id}-sender-{channel}",
         s.data_dir,
         int(s.session_timeout_s * 1000),
@@ -170,12 +169,11 @@ def calls(
     from nudgeflow.channels.calls import CallRunner
     from nudgeflow.channels.clients import run_until_signalled
     from nudgeflow.channels.outbound import OutboundPolicy
-    from nudgeflow.streams.topics import Topics
 
     s = remote_settings("the call runner", broker=broker, topic_prefix=topic_prefix, data_dir=data_dir)
     runner = CallRunner(
         s.kafka_conf(),
-        Topics(s.topic_prefix),
+        s.topics(),
         group or f"{s.app_id}-calls",
         s.data_dir,
         int(s.session_timeout_s * 1000),
@@ -197,12 +195,12 @@ def enroll(
 ) -> None:
     """Enter a one-off list of users (CSV upload) into a journey."""
     from nudgeflow.enroll import produce_enrollments
-    from nudgeflow.streams.topics import CUSTOM_TOPIC, Topics
+    from nudgeflow.streams.topics import CUSTOM_TOPIC
 
     s = remote_settings("enroll", broker=broker, topic_prefix=topic_prefix)
 
     def go() -> None:
-        topic = Topics(s.topic_prefix).name(CUSTOM_TOPIC)
+        topic = s.topics().name(CUSTOM_TOPIC)
         typer.echo(f"enrolled {produce_enrollments(s.kafka_conf(), topic, users, journey)} user(s) into {journey}")
 
     _guard(go)
@@ -218,12 +216,12 @@ def release(
     import time
 
     from nudgeflow.enroll import produce_user_events, release_events
-    from nudgeflow.streams.topics import CUSTOM_TOPIC, Topics
+    from nudgeflow.streams.topics import CUSTOM_TOPIC
 
     s = remote_settings("release", broker=broker, topic_prefix=topic_prefix)
 
     def go() -> None:
-        topic = Topics(s.topic_prefix).name(CUSTOM_TOPIC)
+        topic = s.topics().name(CUSTOM_TOPIC)
         n = produce_user_events(s.kafka_conf(), topic, release_events(user, int(time.time() * 1000)))
         typer.echo(f"asked the workers to release {n} user(s)")
 

@@ -11,6 +11,8 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from nudgeflow.streams.topics import Topics
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="NUDGEFLOW_", extra="forbid", frozen=True)
@@ -22,6 +24,12 @@ class Settings(BaseSettings):
     )
     app_id: str = Field("nudgeflow", description="consumer group and state table prefix")
     topic_prefix: str = Field("", description="prefix for every topic name")
+    input_topics: Annotated[dict[str, str], NoDecode] = Field(
+        {},
+        description="a site's own topics read in place of nudgeflow's input topics, by role: "
+        "`add_to_cart=shop.cart-events,charged=shop.orders` (or a JSON object); roles: page_viewed, add_to_cart, "
+        "charged (the role names the event), custom_events (the event name is the message's `event`), user_profiles",
+    )
     partitions: int = Field(4, ge=1, description="partitions of topics nudgeflow creates")
     create_topics: bool = Field(True, description="create missing topics at start")
     replication_factor: int = Field(
@@ -118,6 +126,31 @@ class Settings(BaseSettings):
     )
     log_level: str = Field("info")
     log_file: Path | None = None
+
+    @field_validator("input_topics", mode="before")
+    @classmethod
+    def _input_topics(cls, v: object) -> object:
+        if isinstance(v, str):
+            v = v.strip()
+            if v.startswith("{"):
+                import json
+
+                return json.loads(v)
+            pairs = [x.split("=", 1) for x in v.split(",") if x.strip()]
+            if any(len(p) != 2 for p in pairs):
+                raise ValueError("role=topic pairs, comma-separated")
+            v = {k.strip(): t.strip() for k, t in pairs}
+        if isinstance(v, dict):
+            from nudgeflow.streams.topics import INPUT_ROLES
+
+            unknown = sorted(set(v) - set(INPUT_ROLES))
+            if unknown:
+                raise ValueError(f"unknown input roles {unknown}; roles: {', '.join(INPUT_ROLES)}")
+        return v
+
+    def topics(self) -> Topics:
+        """The topic names of these settings (prefix, and a site's own input topics)."""
+        return Topics(self.topic_prefix, tuple(sorted(self.input_topics.items())))
 
     @field_validator("outbound_allow_hosts", "outbound_allow_networks", mode="before")
     @classmethod

@@ -86,7 +86,7 @@ def run_worker(settings: Settings) -> None:
         broker = EmbeddedBroker().start()
         settings = settings.model_copy(update={"broker": f"kafka://{broker.bootstrap}"})
     try:
-        topics = Topics(settings.topic_prefix)
+        topics = settings.topics()
         kafka = settings.kafka_conf()
         if settings.create_topics:
             ensure_topics(

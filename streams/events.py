@@ -23,7 +23,7 @@ import orjson
 
 from nudgeflow.engine.io import Enroll, Event, Input, ProfileUpdate
 from nudgeflow.engine.timeparse import datetime_to_ms, parse_iso
-from nudgeflow.streams.topics import CUSTOM_TOPIC, EVENT_TOPICS, PROFILE_TOPIC
+from nudgeflow.streams.topics import CUSTOM_TOPIC, EVENT_TOPICS, PROFILE_TOPIC, Topics
 from nudgeflow.streams.wire import WireError, decode_feedback
 
 REASONS = (
@@ -65,17 +65,19 @@ class Invalid:
 class Decoder:
     """Turns (topic, key, value, kafka timestamp) into an engine input or an Invalid."""
 
-    def __init__(self, max_bytes: int = 65536, max_future_ms: int = 86_400_000, prefix: str = "") -> None:
-        self.max_bytes, self.max_future_ms, self.prefix = max_bytes, max_future_ms, prefix
+    def __init__(
+        self, max_bytes: int = 65536, max_future_ms: int = 86_400_000, prefix: str = "", topics: Topics | None = None
+    ) -> None:
+        self.max_bytes, self.max_future_ms = max_bytes, max_future_ms
+        self.topics = topics or Topics(prefix)
         self._base: dict[str, str] = {}
 
     def base(self, topic: str) -> str:
-        """The topic name without the prefix (remembered per topic)."""
+        """The topic's role (its name without the prefix, or the role a site's topic stands in
+        for), remembered per topic."""
         base = self._base.get(topic)
         if base is None:
-            base = self._base[topic] = (
-                topic[len(self.prefix) :] if self.prefix and topic.startswith(self.prefix) else topic
-            )
+            base = self._base[topic] = self.topics.base(topic)
         return base
 
     def decode(self, topic: str, value: bytes | None, kafka_ts: int | None, now_ms: int) -> Input | Release | Invalid:

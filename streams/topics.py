@@ -1,4 +1,5 @@
-"""Topic names. One optional prefix (NUDGEFLOW_TOPIC_PREFIX) isolates installations or tests."""
+"""Topic names. One optional prefix (NUDGEFLOW_TOPIC_PREFIX) isolates installations or tests; a
+site's own input topics can stand in for nudgeflow's (NUDGEFLOW_INPUT_TOPICS: role -> topic)."""
 
 from __future__ import annotations
 
@@ -10,23 +11,30 @@ from nudgeflow.engine.schema import CHANNELS
 EVENT_TOPICS = {"page_viewed": "page_viewed", "add_to_cart": "add_to_cart", "charged": "charged"}
 CUSTOM_TOPIC = "custom_events"  # any event name; the message must carry "event"
 PROFILE_TOPIC = "user_profiles"  # {"user_id", "ts", "attributes": {...}}
+INPUT_ROLES = (*EVENT_TOPICS, CUSTOM_TOPIC, PROFILE_TOPIC)
 
 
 @dataclass(frozen=True)
 class Topics:
     prefix: str = ""
+    # input roles read from a site's own topics, e.g. (("charged", "shop.orders"),): names used as
+    # they are (no prefix); the role still decides the event name (charged) or how it is read
+    renamed: tuple[tuple[str, str], ...] = ()
 
     def name(self, base: str) -> str:
+        for role, topic in self.renamed:
+            if role == base:
+                return topic
         return f"{self.prefix}{base}"
 
     @property
     def inputs(self) -> list[str]:
         """Topics the journey agent consumes, all co-partitioned by user id."""
-        return [self.name(t) for t in (*EVENT_TOPICS, CUSTOM_TOPIC, PROFILE_TOPIC)] + [self.ticks, self.feedback]
+        return [self.name(t) for t in INPUT_ROLES] + [self.ticks, self.feedback]
 
     @property
     def user_inputs(self) -> list[str]:
-        return [self.name(t) for t in (*EVENT_TOPICS, CUSTOM_TOPIC, PROFILE_TOPIC)]
+        return [self.name(t) for t in INPUT_ROLES]
 
     @property
     def dead_letter(self) -> str:
@@ -71,5 +79,8 @@ class Topics:
         return [self.channel(c) for c in CHANNELS]
 
     def base(self, topic: str) -> str:
-        """The topic name without the prefix."""
+        """The topic's role: its name without the prefix, or the input role it was renamed for."""
+        for role, name in self.renamed:
+            if name == topic:
+                return role
         return topic[len(self.prefix) :] if self.prefix and topic.startswith(self.prefix) else topic

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import httpx
+import orjson
 import pytest
 
 from nudgeflow.broker import EmbeddedBroker, die_with_parent, free_port
@@ -89,4 +90,23 @@ scrape_configs:
     finally:
         prom.terminate()
         prom.wait(10)
+        w.stop()
+
+
+def test_a_sites_own_topic_stands_in_for_an_input(broker: EmbeddedBroker, tmp_path: Path) -> None:
+    w = new_worker(broker, tmp_path, HERE / "journeys")
+    site_topic = f"{w.topics.prefix}site.cart-events"
+    w.extra_env = {"NUDGEFLOW_INPUT_TOPICS": f"add_to_cart={site_topic}"}
+    w.start()
+    try:
+        client = Client(broker, w.topics)
+        now = int(time.time() * 1000)
+        client.producer.produce(
+            site_topic, key=b"site-u1", value=orjson.dumps({"user_id": "site-u1", "ts": now, "props": {"product": "p"}})
+        )
+        client.producer.flush(10)
+        (push,) = client.read(client.topics.channel("push"), min_count=1, timeout=60)
+        assert push.key() == b"site-u1"
+        assert wait_for(lambda: w.metric("nudgeflow_events_consumed_total", topic="add_to_cart") == 1)
+    finally:
         w.stop()

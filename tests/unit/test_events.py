@@ -79,3 +79,22 @@ def test_profiles_feedback_and_enroll() -> None:
 def test_prefix_is_stripped_before_topic_rules() -> None:
     d = Decoder(prefix="t1.")
     assert d.decode("t1.charged", orjson.dumps({"user_id": "u", "ts": NOW}), None, NOW).name == "charged"  # type: ignore[union-attr]
+
+
+def test_a_sites_own_topics_stand_in_for_input_roles() -> None:
+    from nudgeflow.engine.io import Event
+    from nudgeflow.settings import Settings
+    from nudgeflow.streams.events import Decoder
+
+    s = Settings(input_topics="charged=shop.orders, add_to_cart=shop.cart")  # type: ignore[arg-type]
+    topics = s.topics()
+    assert topics.name("charged") == "shop.orders" and "shop.cart" in topics.inputs
+    assert topics.name("page_viewed") == "page_viewed" and topics.base("shop.orders") == "charged"
+    inp = Decoder(topics=topics).decode("shop.orders", b'{"user_id": "u1", "ts": 1767225600000}', None, 1767225600000)
+    assert isinstance(inp, Event) and inp.name == "charged"
+    assert Settings(input_topics='{"custom_events": "site.events"}').topics().name("custom_events") == "site.events"  # type: ignore[arg-type]
+    import pydantic
+    import pytest
+
+    with pytest.raises(pydantic.ValidationError, match="unknown input roles"):
+        Settings(input_topics="orders=shop.orders")  # type: ignore[arg-type]
