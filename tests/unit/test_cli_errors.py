@@ -85,3 +85,13 @@ def test_run_needs_an_explicit_broker_and_unknown_settings_are_warned_about() ->
     assert "Traceback" not in r.stderr
     v = subprocess.run([sys.executable, "-m", "nudgeflow.cli", "--version"], capture_output=True, text=True)
     assert v.returncode == 0 and v.stdout.startswith("nudgeflow ")
+
+
+def test_every_setting_is_documented_in_the_readme() -> None:
+    from nudgeflow.settings import Settings
+
+    readme = (ROOT / "README.md").read_text()
+    missing = [
+        n.upper() for n in Settings.model_fields if f"`{n.upper()}`" not in readme and f"{n.upper()}`" not in readme
+    ]
+    assert not missing, missing
