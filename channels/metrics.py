@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter
+from prometheus_client import Counter, Histogram
 
 OUTBOUND_REFUSED = Counter(
     "nudgeflow_outbound_refused_total",
@@ -25,3 +25,15 @@ DEAD_LETTERS = Counter(
     "nudgeflow_sender_dead_letters_total", "Send requests a sender dead-lettered", ["channel", "reason"]
 )
 RETRIES = Counter("nudgeflow_sender_retries_total", "Provider calls tried again after a transient failure", ["channel"])
+PROVIDER_SECONDS = Histogram(
+    "nudgeflow_provider_seconds",
+    "Time a provider took to accept a request (one attempt)",
+    ["channel", "provider"],
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+REQUEST_AGE = Histogram(
+    "nudgeflow_send_age_at_delivery_seconds",
+    "Delivery time minus the send request's creation (event) time",
+    ["channel"],
+    buckets=(0.1, 0.5, 1, 5, 30, 60, 300, 3600, 86400),
+)

@@ -19,14 +19,18 @@ Adding a provider: a class with `deliver`, `close`, `name` and `idempotent`, a s
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from email.message import EmailMessage
 from typing import Any, Protocol, TextIO, TypeVar
+from urllib.parse import urlencode
 
+import aiosmtplib
 import httpx
 import orjson
 from pydantic import SecretStr
@@ -232,3 +236,154 @@ class WebhookProvider:
 @register("webhook", WebhookSettings)
 def _webhook(channel: str, settings: Any) -> Provider:
     return WebhookProvider(settings)
+
+
+# --- email: SMTP -----------------------------------------------------------------------------
+
+
+class SmtpSettings(BaseSettings):
+    """Email over SMTP (submission port with STARTTLS by default)."""
+
+    model_config = SettingsConfigDict(env_prefix="NUDGEFLOW_SMTP_", extra="ignore")
+
+    host: str
+    port: int = 587
+    sender: str  # the From address
+    username: str | None = None
+    password: SecretStr | None = None
+    starttls: bool = True  # upgrade the connection (port 587); use_tls for implicit TLS (port 465)
+    use_tls: bool = False
+    timeout_s: float = 30.0
+
+
+class SmtpProvider:
+    """One message per request: `subject` (else `title`), a text part (`text`, else `body`) and an
+    HTML alternative (`html`). `Message-ID` is derived from the idempotency key, so a receiving
+    system that deduplicates by it sees one message. Answers: a 5xx refusal of the recipient is a
+    hard bounce (unreachable); 4xx and connection failures are transient; other 5xx permanent."""
+
+    name, idempotent = "smtp", False
+
+    def __init__(self, settings: SmtpSettings) -> None:
+        self.s = settings
+
+    def message(self, req: SendRequest) -> EmailMessage:
+        if not req.to:
+            raise Unreachable("no email address")
+        c = req.content
+        msg = EmailMessage()
+        msg["From"], msg["To"] = self.s.sender, req.to
+        msg["Subject"] = c.get("subject") or c.get("title") or ""
+        msg["Message-ID"] = f"<{req.key}@nudgeflow>"
+        msg.set_content(c.get("text") or c.get("body") or "")
+        if c.get("html"):
+            msg.add_alternative(c["html"], subtype="html")
+        return msg
+
+    async def deliver(self, req: SendRequest) -> str | None:
+        msg = self.message(req)
+        s = self.s
+        try:
+            await aiosmtplib.send(
+                msg,
+                hostname=s.host,
+                port=s.port,
+                username=s.username,
+                password=s.password.get_secret_value() if s.password else None,
+                start_tls=s.starttls and not s.use_tls,
+                use_tls=s.use_tls,
+                timeout=s.timeout_s,
+            )
+        except aiosmtplib.SMTPRecipientsRefused as e:
+            codes = [r.code for r in e.recipients]
+            if any(500 <= c < 600 for c in codes):
+                raise Unreachable(f"SMTP {codes[0]}: recipient refused") from None
+            raise Transient(f"SMTP {codes[0] if codes else '?'}") from None
+        except aiosmtplib.SMTPResponseException as e:
+            if 400 <= e.code < 500:
+                raise Transient(f"SMTP {e.code}") from None
+            raise Permanent(f"SMTP {e.code}") from None
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as e:
+            raise Transient(type(e).__name__) from None
+        return str(msg["Message-ID"])
+
+    async def close(self) -> None:
+        return None
+
+
+@register("smtp", SmtpSettings, channels=("email",))
+def _smtp(channel: str, settings: Any) -> Provider:
+    return SmtpProvider(settings)
+
+
+# --- sms: the Twilio Messages API ------------------------------------------------------------
+
+
+class TwilioSettings(BaseSettings):
+    """SMS (and WhatsApp, with whatsapp: numbers) through the Twilio Messages API, or any gateway
+    that speaks its shape."""
+
+    model_config = SettingsConfigDict(env_prefix="NUDGEFLOW_TWILIO_", extra="ignore")
+
+    account_sid: str
+    auth_token: SecretStr
+    from_number: str
+    base_url: str = "https://api.twilio.com"
+    timeout_s: float = 15.0
+
+
+TWILIO_UNREACHABLE = {21211, 21214, 21408, 21610, 21612, 21614, 63003}  # invalid, landline, opted out, ...
+
+
+class TwilioProvider:
+    """POST /2010-04-01/Accounts/{sid}/Messages.json, form fields To, From, Body, HTTP basic auth.
+    201 delivered (the message sid); 400 with an error code for a number that cannot receive
+    (invalid, not mobile, unsubscribed) unreachable; 429 and 5xx transient; other 4xx permanent."""
+
+    name, idempotent = "twilio", False
+
+    def __init__(self, settings: TwilioSettings, channel: str) -> None:
+        self.s, self.channel = settings, channel
+        self.http = outbound(channel)
+        token = f"{settings.account_sid}:{settings.auth_token.get_secret_value()}".encode()
+        self.auth = "Basic " + base64.b64encode(token).decode()
+        self.url = f"{settings.base_url.rstrip('/')}/2010-04-01/Accounts/{settings.account_sid}/Messages.json"
+
+    async def deliver(self, req: SendRequest) -> str | None:
+        if not req.to:
+            raise Unreachable("no phone number")
+        c = req.content
+        prefix = "whatsapp:" if self.channel == "whatsapp" else ""
+        form = {
+            "To": prefix + req.to,
+            "From": prefix + self.s.from_number,
+            "Body": c.get("text") or c.get("body") or c.get("title") or "",
+        }
+        headers = {"authorization": self.auth, "content-type": "application/x-www-form-urlencoded"}
+        resp = await http_call(
+            lambda: self.http.request(
+                "POST", self.url, content=urlencode(form).encode(), headers=headers, timeout=self.s.timeout_s
+            )
+        )
+        if resp.status == 400:
+            try:
+                code = int(orjson.loads(resp.body).get("code", 0))
+            except (orjson.JSONDecodeError, ValueError, TypeError, AttributeError):
+                code = 0
+            if code in TWILIO_UNREACHABLE:
+                raise Unreachable(f"Twilio {code}")
+            raise Permanent(f"Twilio {code or 400}")
+        http_outcome(resp)
+        try:
+            sid: str | None = orjson.loads(resp.body).get("sid")
+        except (orjson.JSONDecodeError, AttributeError):
+            sid = None
+        return sid
+
+    async def close(self) -> None:
+        await self.http.aclose()
+
+
+@register("twilio", TwilioSettings, channels=("sms", "whatsapp"))
+def _twilio(channel: str, settings: Any) -> Provider:
+    return TwilioProvider(settings, channel)

@@ -12,9 +12,12 @@ fallback (another channel) is published.
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from aiolimiter import AsyncLimiter
 from tenacity import (
     AsyncRetrying,
     retry_if_exception_type,
@@ -48,13 +51,18 @@ class Sender(BatchConsumer):
         max_attempts: int = 5,
         retry_max_s: float = 60.0,
         signer: wire.Signer = wire.UNSIGNED,
+        rate_per_s: float | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         topic = topics.channel(channel)
         super().__init__(bootstrap, topic, group, state_dir / f"sender-{channel}", session_timeout_ms, log)
         self.channel, self.provider, self.topics = channel, provider, topics
         self.max_attempts, self.retry_max_s, self.signer = max_attempts, retry_max_s, signer
         self.delivered = self.duplicates = self.unreachable = self.invalid = self.dead = self.retries = 0
-        self.forged = 0
+        self.forged = self.expired = 0
+        # the provider's rate limit, across batches and retries (a leaky bucket: bursts of one second)
+        self.limiter = AsyncLimiter(rate_per_s, 1) if rate_per_s else None
+        self.clock = clock
 
     async def handle(self, msgs: list[Any]) -> None:
         for m in msgs:
@@ -75,6 +83,21 @@ class Sender(BatchConsumer):
                 self.duplicates += 1
                 self._count("duplicate")
                 continue
+            if req.expires_at is not None and self.clock() * 1000 > req.expires_at:
+                self.expired += 1  # a cart push two days late does more harm than none
+                self._count("expired")
+                self.keys.add(req.key)
+                continue
+            if self.keys.started(req.key) and not self.provider.idempotent:
+                # a crash between handing it to the provider and recording it: it may have gone out;
+                # a provider without idempotency keys would send it twice, so it is set aside
+                self.dead += 1
+                self._count("dead_lettered")
+                log.warning("send %s was interrupted by a restart: dead-lettered, not repeated", req.key[:12])
+                self._dead(m, "interrupted", "the sender stopped while delivering it; the provider may have it")
+                self.keys.add(req.key)
+                continue
+            self.keys.begin(req.key)
             try:
                 await self._deliver(req)
                 self.delivered += 1
@@ -109,7 +132,14 @@ class Sender(BatchConsumer):
                 if attempt.retry_state.attempt_number > 1:
                     self.retries += 1
                     metrics.RETRIES.labels(self.channel).inc()
-                await self.provider.deliver(req)
+                t0 = time.monotonic()
+                if self.limiter is not None:
+                    async with self.limiter:
+                        await self.provider.deliver(req)
+                else:
+                    await self.provider.deliver(req)
+                metrics.PROVIDER_SECONDS.labels(self.channel, self.provider.name).observe(time.monotonic() - t0)
+                metrics.REQUEST_AGE.labels(self.channel).observe(max(0.0, self.clock() - req.created_at / 1000))
 
     def _count(self, result: str) -> None:
         metrics.DELIVERIES.labels(self.channel, self.provider.name, result).inc()

@@ -202,7 +202,21 @@ def _message(m: s.Content, channel: str, fallback: s.Fallback | None, path: Path
         if fallback.send == channel:
             raise CompileError((*path, "fallback"), f"the fallback channel must differ from '{channel}'")
         fb = _message(fallback, fallback.send, fallback.fallback, (*path, "fallback"))
-    return g.Message(channel, m.template, content, data, fb)
+    to = _text(m.to, (*path, "to")) if m.to is not None else None
+    expires = parse_duration(m.expires_after) if m.expires_after else DEFAULT_EXPIRY_MS[channel]
+    return g.Message(channel, m.template, content, data, fb, to, expires)
+
+
+H_MS = 3_600_000
+DEFAULT_EXPIRY_MS = {  # how long a send request stays worth delivering, by channel
+    "push": 12 * H_MS,
+    "webpush": 12 * H_MS,
+    "sms": 24 * H_MS,
+    "whatsapp": 24 * H_MS,
+    "email": 72 * H_MS,
+    "inapp": 168 * H_MS,
+    "webhook": 24 * H_MS,
+}
 
 
 class _Steps:

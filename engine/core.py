@@ -671,7 +671,31 @@ class _Run:
             created_at=t,
             trigger_event_id=inst["trigger_event_id"],
             fallback=fallback,
+            to=msg.to.render(ctx) if msg.to is not None else _recipient(self.st["profile"], msg.channel),
+            expires_at=t + msg.expires_ms,
         )
+
+
+RECIPIENT_ATTRIBUTE = {
+    "email": "email",
+    "sms": "phone",
+    "whatsapp": "phone",
+    "push": "push_token",
+    "webpush": "webpush_subscription",
+}
+
+
+def _recipient(profile: Mapping[str, Any], channel: str) -> str | None:
+    """The channel's address from the profile (text; a web push subscription object as JSON)."""
+    attr = RECIPIENT_ATTRIBUTE.get(channel)
+    v = profile.get(attr) if attr else None
+    if v is None or v == "":
+        return None
+    if isinstance(v, str):
+        return v
+    import json
+
+    return json.dumps(v, sort_keys=True, separators=(",", ":"))
 
 
 def _goto(inst: Instance, step: str, t: int) -> None:

@@ -23,6 +23,8 @@ class Message:
     content: Mapping[str, Text]
     data: Mapping[str, Any]
     fallback: Message | None
+    to: Text | None = None  # None: the channel's profile attribute (RECIPIENT_ATTRIBUTE)
+    expires_ms: int = 86_400_000
 
 
 @dataclass(frozen=True, slots=True)

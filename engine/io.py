@@ -87,6 +87,8 @@ class SendRequest:
     created_at: int
     trigger_event_id: str | None = None
     fallback: SendRequest | None = None
+    to: str | None = None  # the recipient: address, number, device token, subscription (None: unknown)
+    expires_at: int | None = None  # epoch ms after which senders do not deliver it
 
 
 @dataclass(slots=True)

@@ -113,6 +113,16 @@ class Content(Model):
     url: str | None = None
     image: str | None = None
     data: dict[str, Any] = {}
+    to: str | None = Field(
+        None,
+        description="recipient (a template); default: the profile attribute of the channel: email (email), "
+        "phone (sms, whatsapp), push_token (push), webpush_subscription (webpush)",
+    )
+    expires_after: Duration | None = Field(
+        None,
+        description="senders do not deliver the message when it is older than this (default by channel: push and "
+        "webpush 12h, sms and whatsapp 1d, email 3d, inapp 7d, webhook 1d)",
+    )
 
 
 class Fallback(Content):

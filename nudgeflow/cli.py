@@ -153,7 +153,9 @@ def send(
         s.data_dir,
         int(s.session_timeout_s * 1000),
         signer=signer(s),
+        rate_per_s=s.send_rate_per_s,
     )
+    sender.keys.ttl_s = s.send_keys_ttl_s
     channel_metrics(s)
     _guard(lambda: run_sender(sender))
 

@@ -124,6 +124,12 @@ class Settings(BaseSettings):
     call_max_response_bytes: int = Field(
         32 * 1024, ge=1024, description="a call's answer larger than this is cut off and the call fails (too_large)"
     )
+    send_rate_per_s: float | None = Field(
+        None, gt=0, description="a sender's provider calls per second, at most (the provider's rate limit)"
+    )
+    send_keys_ttl_s: float = Field(
+        7 * 86400, gt=0, description="how long a sender remembers delivered idempotency keys (longer than any expiry)"
+    )
     log_level: str = Field("info")
     log_file: Path | None = None
 

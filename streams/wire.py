@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import orjson
@@ -105,9 +106,15 @@ _SEND = TypeAdapter(SendRequest)
 _CALL = TypeAdapter(CallRequest)
 
 
+SEND_SCHEMA_VERSION = 1
+SEND_SCHEMA_ID = "https://github.com/nudgeflow/nudgeflow/schemas/send-request.v1.json"
+
+
 def send_request_doc(req: SendRequest) -> dict[str, Any]:
-    """The JSON document of a send request (also what `simulate` prints)."""
+    """The JSON document of a send request (also what `simulate` prints): the contract in
+    schemas/send-request.v1.json."""
     return {
+        "schema_version": SEND_SCHEMA_VERSION,
         "key": req.key,
         "channel": req.channel,
         "user_id": req.user_id,
@@ -120,13 +127,48 @@ def send_request_doc(req: SendRequest) -> dict[str, Any]:
         "data": dict(req.data),
         "created_at": req.created_at,
         "trigger_event_id": req.trigger_event_id,
+        "to": req.to,
+        "expires_at": req.expires_at,
         "fallback": send_request_doc(req.fallback) if req.fallback else None,
     }
 
 
+def send_request_json_schema() -> dict[str, Any]:
+    """JSON Schema of a send request message (schemas/send-request.v1.json, kept current by a test)."""
+    schema = _SEND.json_schema()
+    body = schema["$defs"]["SendRequest"] if "$defs" in schema else schema
+    body["properties"] = {
+        "schema_version": {"const": SEND_SCHEMA_VERSION, "description": "this contract's version"},
+        **body["properties"],
+    }
+    body["required"] = ["schema_version", *body.get("required", [])]
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": SEND_SCHEMA_ID,
+        "title": "nudgeflow send request, version 1",
+        "description": "The value of every message on nudgeflow.send.<channel>. Headers: idempotency_key (= key), "
+        "CloudEvents binary mode (ce_specversion, ce_id = key, ce_type, ce_source, ce_time, content-type), "
+        "nudgeflow_sig when the topics are signed. Deliver each key once; do not deliver after expires_at.",
+        **schema,
+    }
+
+
+def _iso(ms: int) -> bytes:
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z").encode()
+
+
 def encode_send_request(req: SendRequest, signer: Signer = UNSIGNED) -> Encoded:
-    enc = Encoded(req.user_id.encode(), orjson.dumps(send_request_doc(req)), [(IDEMPOTENCY_HEADER, req.key.encode())])
-    return signer.sign("send", enc)
+    key = req.key.encode()
+    headers: Headers = [
+        (IDEMPOTENCY_HEADER, key),
+        ("ce_specversion", b"1.0"),
+        ("ce_id", key),
+        ("ce_type", b"io.nudgeflow.send." + req.channel.encode()),
+        ("ce_source", b"/nudgeflow/journeys/" + req.journey.encode()),
+        ("ce_time", _iso(req.created_at)),
+        ("content-type", b"application/json"),
+    ]
+    return signer.sign("send", Encoded(req.user_id.encode(), orjson.dumps(send_request_doc(req)), headers))
 
 
 def decode_send_request(value: bytes | None) -> SendRequest:

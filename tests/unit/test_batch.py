@@ -91,6 +91,8 @@ def test_send_requests_are_the_wire_format() -> None:
     out = c.run([msg("nudgeflow.ticks", 0, {"user_id": "u1", "due": T0 + 30 * M})], store)
     (send,) = [r for r in out.records if r.topic == "nudgeflow.send.push"]
     doc = orjson.loads(send.value)
+    assert doc.pop("schema_version") == 1 and doc["to"] is None
+    assert doc["expires_at"] == doc["created_at"] + 12 * 3_600_000  # push: 12 h by default
     fallback = {**doc, "fallback": None}
     req = SendRequest(**{**doc, "fallback": SendRequest(**fallback)})
     assert orjson.loads(encode_send_request(req).value) == send_request_doc(req)

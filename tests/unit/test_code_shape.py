@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import orjson
 import pytest
 
 from nudgeflow.channels.providers import PROVIDERS, ConsoleProvider, UnknownProvider, make_provider
@@ -45,7 +46,10 @@ def test_send_request_round_trips_through_its_wire_format() -> None:
     fb = SendRequest("k:sms", "sms", "u1", "j", 2, "s", 1, None, {"text": "hi"}, {}, 5, "e1")
     req = SendRequest("k", "push", "u1", "j", 2, "s", 1, "t", {"title": "Hi"}, {"x": [1]}, 5, None, fb)
     enc = wire.encode_send_request(req)
-    assert enc.key == b"u1" and enc.headers == [("idempotency_key", b"k")]
+    headers = dict(enc.headers or [])
+    assert enc.key == b"u1" and headers["idempotency_key"] == headers["ce_id"] == b"k"
+    assert headers["ce_type"] == b"io.nudgeflow.send.push" and headers["ce_time"] == b"1970-01-01T00:00:00.005Z"
+    assert headers["ce_specversion"] == b"1.0" and headers["content-type"] == b"application/json"
     assert wire.decode_send_request(enc.value) == req
     with pytest.raises(wire.WireError):
         wire.decode_send_request(b'{"key": 1}')
@@ -70,3 +74,21 @@ def test_providers_come_from_the_registry() -> None:
     assert isinstance(make_provider("console", "push"), ConsoleProvider)
     with pytest.raises(UnknownProvider, match="available: console"):
         make_provider("no-such", "push")
+
+
+def test_the_send_request_contract_file_is_current_and_messages_validate_against_it() -> None:
+    import json
+
+    import jsonschema
+
+    from nudgeflow.engine.io import SendRequest
+    from nudgeflow.streams.wire import send_request_json_schema
+
+    path = Path(__file__).resolve().parents[2] / "schemas" / "send-request.v1.json"
+    schema = json.loads(path.read_text())
+    assert schema == send_request_json_schema(), "regenerate: see README 'Send requests'"
+    fb = SendRequest("k:sms", "sms", "u1", "j", 2, "s", 1, None, {"text": "Hi"}, {}, 5, None, None, "+15550100", 99)
+    req = SendRequest("k", "email", "u1", "j", 2, "s", 1, "t", {"subject": "Hi"}, {"x": [1]}, 5, "e1", fb, "a@b.c", 9)
+    jsonschema.validate(orjson.loads(wire.encode_send_request(req).value), schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({**orjson.loads(wire.encode_send_request(req).value), "schema_version": 2}, schema)

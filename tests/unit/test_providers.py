@@ -1,0 +1,159 @@
+"""Providers against real local servers that speak their protocol: SMTP (aiosmtpd) and the Twilio
+Messages API (a local HTTP server of the same shape). The exact request each receives, and each
+answer class mapped to delivered / unreachable / transient / permanent."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import email
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, ClassVar
+from urllib.parse import parse_qs
+
+import pytest
+from aiosmtpd.controller import Controller
+
+from nudgeflow.broker import free_port
+from nudgeflow.channels.providers import (
+    Permanent,
+    SmtpProvider,
+    SmtpSettings,
+    Transient,
+    TwilioProvider,
+    TwilioSettings,
+    Unreachable,
+)
+from nudgeflow.engine.io import SendRequest
+
+
+def req(channel: str, to: str | None, **content: str) -> SendRequest:
+    return SendRequest("key-1", channel, "u1", "j", 1, "s", 1, None, content, {}, 5, None, None, to, None)
+
+
+# --- SMTP ------------------------------------------------------------------------------------------
+
+
+class Mailbox:
+    def __init__(self) -> None:
+        self.messages: list[tuple[str, list[str], bytes]] = []
+
+    async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str, options: Any) -> str:
+        if address.startswith("bounce"):
+            return "550 5.1.1 no such user"
+        if address.startswith("later"):
+            return "451 4.3.0 try again later"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        self.messages.append((envelope.mail_from, list(envelope.rcpt_tos), envelope.content))
+        return "250 Message accepted"
+
+
+@pytest.fixture()
+def smtp() -> Iterator[tuple[Mailbox, SmtpProvider]]:
+    box = Mailbox()
+    port = free_port()
+    ctl = Controller(box, hostname="127.0.0.1", port=port)
+    ctl.start()
+    settings = SmtpSettings(host="127.0.0.1", port=port, sender="shop@example.com", starttls=False)
+    yield box, SmtpProvider(settings)
+    ctl.stop()
+
+
+def test_smtp_delivers_subject_text_and_html_with_the_key_as_message_id(smtp: tuple[Mailbox, SmtpProvider]) -> None:
+    box, provider = smtp
+    r = req("email", "ann@example.com", subject="A plan for you", text="Plain", html="<p>Rich</p>")
+    assert asyncio.run(provider.deliver(r)) == "<key-1@nudgeflow>"
+    ((mail_from, rcpts, raw),) = box.messages
+    msg = email.message_from_bytes(raw)
+    assert mail_from == "shop@example.com" and rcpts == ["ann@example.com"]
+    assert msg["Subject"] == "A plan for you" and msg["Message-ID"] == "<key-1@nudgeflow>"
+    parts = {
+        p.get_content_type(): p.get_payload(decode=True).decode().strip() for p in msg.walk() if not p.is_multipart()
+    }
+    assert parts == {"text/plain": "Plain", "text/html": "<p>Rich</p>"}
+
+
+def test_smtp_answers_map_to_unreachable_transient_and_no_address(smtp: tuple[Mailbox, SmtpProvider]) -> None:
+    _, provider = smtp
+    with pytest.raises(Unreachable):
+        asyncio.run(provider.deliver(req("email", "bounce@example.com", subject="x", text="y")))
+    with pytest.raises(Transient):
+        asyncio.run(provider.deliver(req("email", "later@example.com", subject="x", text="y")))
+    with pytest.raises(Unreachable):
+        asyncio.run(provider.deliver(req("email", None, subject="x", text="y")))
+    down = SmtpProvider(SmtpSettings(host="127.0.0.1", port=free_port(), sender="s@e.com", starttls=False, timeout_s=2))
+    with pytest.raises(Transient):
+        asyncio.run(down.deliver(req("email", "ann@example.com", subject="x", text="y")))
+
+
+# --- Twilio ----------------------------------------------------------------------------------------
+
+
+class Twilio(BaseHTTPRequestHandler):
+    seen: ClassVar[list[tuple[str, str, dict[str, list[str]]]]] = []
+    script: ClassVar[dict[str, list[tuple[int, dict[str, Any]]]]] = {}  # To -> answers in order
+
+    def do_POST(self) -> None:
+        form = parse_qs(self.rfile.read(int(self.headers["content-length"])).decode())
+        Twilio.seen.append((self.path, self.headers["authorization"], form))
+        answers = Twilio.script.get(form["To"][0], [])
+        status, body = answers.pop(0) if answers else (201, {"sid": "SM" + str(len(Twilio.seen)), "status": "queued"})
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args: object) -> None:
+        return
+
+
+@pytest.fixture()
+def twilio(monkeypatch: pytest.MonkeyPatch) -> Iterator[TwilioProvider]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Twilio)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("NUDGEFLOW_OUTBOUND_ALLOW_NETWORKS", "127.0.0.1/32")
+    Twilio.seen.clear()
+    settings = TwilioSettings(
+        account_sid="AC123",
+        auth_token="tok",  # type: ignore[arg-type]
+        from_number="+15550001",
+        base_url=f"http://127.0.0.1:{server.server_address[1]}",
+    )
+    yield TwilioProvider(settings, "sms")
+    server.shutdown()
+
+
+def test_twilio_gets_the_messages_api_request_and_its_answers_are_classified(twilio: TwilioProvider) -> None:
+    Twilio.script = {
+        "+15559990000": [(400, {"code": 21211, "message": "invalid To"})],
+        "+15559990001": [(503, {"message": "busy"})],
+        "+15559990002": [(400, {"code": 21604, "message": "Body required"})],
+        "+15559990003": [(429, {"message": "slow down"})],
+    }
+
+    async def go(to: str) -> str | None:
+        return await twilio.deliver(req("sms", to, text="Your plan"))
+
+    assert asyncio.run(go("+15550100")) == "SM1"
+    path, auth, form = Twilio.seen[0]
+    assert path == "/2010-04-01/Accounts/AC123/Messages.json"
+    assert auth == "Basic " + base64.b64encode(b"AC123:tok").decode()
+    assert form == {"To": ["+15550100"], "From": ["+15550001"], "Body": ["Your plan"]}
+    with pytest.raises(Unreachable):
+        asyncio.run(go("+15559990000"))
+    with pytest.raises(Transient):
+        asyncio.run(go("+15559990001"))
+    with pytest.raises(Permanent):
+        asyncio.run(go("+15559990002"))
+    with pytest.raises(Transient):
+        asyncio.run(go("+15559990003"))
+    with pytest.raises(Unreachable):
+        asyncio.run(go(None))  # type: ignore[arg-type]
