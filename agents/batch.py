@@ -239,6 +239,8 @@ class BatchOutput:
     ticks: list[tuple[int, int, bool]] = field(default_factory=list)  # (partition, due, stale) processed
     duplicates: int = 0
     sends: dict[str, int] = field(default_factory=dict)  # channel -> n
+    sent_by: dict[tuple[str, str, str], int] = field(default_factory=dict)  # (channel, journey, step) -> n
+    sent_at: list[int] = field(default_factory=list)  # created_at of each send request (latency)
     quarantined: list[tuple[str, str]] = field(default_factory=list)  # (user, error type) set aside now
     released: int = 0
     parked: int = 0
@@ -276,6 +278,9 @@ class BatchSink:
                 enc = wire.encode_send_request(fx, self.signer)
                 out.records.append(Record(self.topics.channel(fx.channel), enc.key, enc.value, enc.headers))
                 out.sends[fx.channel] = out.sends.get(fx.channel, 0) + 1
+                by = (fx.channel, fx.journey, fx.step)
+                out.sent_by[by] = out.sent_by.get(by, 0) + 1
+                out.sent_at.append(fx.created_at)
             case ProfileChanged():
                 enc = wire.encode_profile_change(fx)
                 out.records.append(Record(self.topics.profile_changes, enc.key, enc.value, enc.headers))

@@ -123,6 +123,8 @@ class Pipeline(Service):
 
     async def assign(self, partitions: Sequence[int]) -> None:
         """Faust assigned these partitions: restore them, seek the inputs, start."""
+        metrics.REBALANCES.inc()
+        metrics.ASSIGNED.set(len(partitions))
         await self.quiesce()
         if partitions:
             await self._start(partitions)
@@ -377,6 +379,10 @@ class Pipeline(Service):
         if out.parked_overflow:
             metrics.PARKED.labels("dead_lettered").inc(out.parked_overflow)
         metrics.count_many(out.counts)
+        for (channel, journey, step), k in out.sent_by.items():
+            metrics.SENDS.labels(channel, journey, step).inc(k)
+        for created in out.sent_at:
+            metrics.SEND_LATENCY.observe(max(0.0, now - created / 1000))
         fired = 0
         for _, due, stale in out.ticks:
             if stale:

@@ -83,6 +83,11 @@ scrape_configs:
         assert wait_for(lambda: value("sum(nudgeflow_timers_fired_total)") == 20, timeout=30)  # 3 s waits
         assert wait_for(lambda: value('sum(nudgeflow_send_requests_total{channel="push"})') == 20, timeout=30)
         assert value("sum(nudgeflow_pending_timers)") == 0
+        assert value('sum(nudgeflow_send_requests_total{step="push_offer"})') == 20
+        assert (
+            0 < value("histogram_quantile(0.5, sum by (le) (nudgeflow_send_latency_seconds_bucket))") <= 2
+        )  # due -> out
+        assert value("sum(nudgeflow_rebalances_total)") >= 1 and value("sum(nudgeflow_assigned_partitions)") == 4
         assert wait_for(lambda: value('sum(nudgeflow_consumer_lag_messages{topic="add_to_cart"})') == 0, timeout=30)
         assert value("sum(nudgeflow_build_info)") == 1
         assert value('count(nudgeflow_journey_info{journey="test-cart"})') == 1
