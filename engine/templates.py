@@ -12,7 +12,7 @@ import datetime as dt
 from collections.abc import Mapping
 from typing import Any
 
-from jinja2 import TemplateSyntaxError, nodes
+from jinja2 import TemplateSyntaxError, meta, nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from markupsafe import escape
 
@@ -29,6 +29,7 @@ class _Env(ImmutableSandboxedEnvironment):
         return super().getattr(obj, attribute)
 
 
+ROOTS = frozenset({"trigger", "event", "profile", "vars", "user", "journey", "now"})
 _TEXT = _Env(autoescape=False)
 _HTML = _Env(autoescape=True)  # event data must not inject markup
 
@@ -88,9 +89,17 @@ class Text:
             env = _HTML if html else _TEXT
             try:
                 self._tpl = env.from_string(source)
-                self._fast = _lookups_only(env.parse(source))
+                ast = env.parse(source)
+                self._fast = _lookups_only(ast)
             except TemplateSyntaxError as e:
                 raise TemplateError(f"template error: {e.message}", e.lineno) from None
+            unknown = sorted(meta.find_undeclared_variables(ast) - ROOTS - set(env.globals))
+            if unknown:  # a typo (`{{ profil.name }}`) would render as empty text for every user
+                raise TemplateError(
+                    f"template error: unknown name {', '.join(map(repr, unknown))}: templates see "
+                    + ", ".join(sorted(ROOTS)),
+                    None,
+                )
 
     def render(self, ctx: Mapping[str, Any]) -> str:
         if self._tpl is None:

@@ -140,3 +140,15 @@ def test_every_error_is_reported_at_once_each_as_file_line_path_message() -> Non
     with pytest.raises(JourneyFileErrors) as ei:
         load_texts({"j.yaml": "- a list\n"})
     assert "::" not in str(ei.value) and str(ei.value).startswith("j.yaml")
+
+
+def test_a_template_name_outside_the_known_roots_is_an_error() -> None:
+    doc = """journey: j
+name: J
+entry: {event: go}
+steps:
+  hi: {send: push, title: "Hi {{ profil.first_name }}, {{ user.id }}"}
+"""
+    with pytest.raises(JourneyFileErrors) as e:
+        load_texts({"j.yaml": doc})
+    assert "j.yaml:5: steps.hi.title: template error: unknown name 'profil'" in str(e.value)
