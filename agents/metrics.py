@@ -41,6 +41,11 @@ SEND_LATENCY = Histogram(
     "Send request durable on its topic minus its journey time (the event's time, or the timer's due time)",
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 3600),
 )
+FEEDBACK = Counter(
+    "nudgeflow_delivery_feedback_total",
+    "What became of sent messages (delivered, failed, opened, clicked, bounced, unsubscribed, ...), per journey step",
+    ["journey", "step", "status"],
+)
 REBALANCES = Counter("nudgeflow_rebalances_total", "Partition assignments this worker went through")
 ASSIGNED = Gauge("nudgeflow_assigned_partitions", "State partitions this worker owns now")
 PENDING_TIMERS = Gauge("nudgeflow_pending_timers", "Timers waiting in the index", ["partition"])
@@ -126,6 +131,9 @@ def count_many(counts: Mapping[tuple[CountKind, str, str], int]) -> None:
                 UNREACHABLE.labels(journey, detail).inc(n)
             case "sent":
                 pass  # by channel, journey and step: the pipeline counts them from the send requests
+            case "feedback":
+                step, _, status = detail.partition(":")
+                FEEDBACK.labels(journey, step, status).inc(n)
             case "template_error":
                 TEMPLATE_ERRORS.labels(journey, detail).inc(n)
             case _:

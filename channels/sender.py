@@ -102,13 +102,14 @@ class Sender(BatchConsumer):
                 await self._deliver(req)
                 self.delivered += 1
                 self._count("delivered")
+                self._produce(self.topics.feedback, wire.encode_feedback(self._feedback(req, "delivered"), self.signer))
             except Unreachable as e:
                 self.unreachable += 1
                 self._count("unreachable")
                 log.info("user %s unreachable on %s (%s)", req.user_id, self.channel, e.reason)
                 self._produce(
                     self.topics.feedback,
-                    wire.encode_feedback(Feedback(req.user_id, self.channel, "unreachable"), self.signer),
+                    wire.encode_feedback(self._feedback(req, "unreachable"), self.signer),
                 )
                 if req.fallback:
                     self._produce(
@@ -119,6 +120,7 @@ class Sender(BatchConsumer):
                 self._count("dead_lettered")
                 log.warning("send %s for user %s dead-lettered: %s", req.key[:12], req.user_id, e.reason)
                 self._dead(m, "permanent" if isinstance(e, Permanent) else "retries_exhausted", e.reason)
+                self._produce(self.topics.feedback, wire.encode_feedback(self._feedback(req, "failed"), self.signer))
             self.keys.add(req.key)
 
     async def _deliver(self, req: SendRequest) -> None:
@@ -140,6 +142,9 @@ class Sender(BatchConsumer):
                     await self.provider.deliver(req)
                 metrics.PROVIDER_SECONDS.labels(self.channel, self.provider.name).observe(time.monotonic() - t0)
                 metrics.REQUEST_AGE.labels(self.channel).observe(max(0.0, self.clock() - req.created_at / 1000))
+
+    def _feedback(self, req: SendRequest, status: str) -> Feedback:
+        return Feedback(req.user_id, self.channel, status, req.key, req.journey, req.step)
 
     def _count(self, result: str) -> None:
         metrics.DELIVERIES.labels(self.channel, self.provider.name, result).inc()

@@ -241,8 +241,15 @@ class _Run:
             self.count("skipped", j.id, "not_enrollable")
 
     def on_feedback(self, inp: Feedback) -> None:
-        if inp.status in ("unreachable", "reachable"):
-            self.st["profile"][f"reachable_{inp.channel}"] = inp.status == "reachable"
+        profile, status = self.st["profile"], inp.status
+        if status in ("unreachable", "bounced", "reachable"):
+            profile[f"reachable_{inp.channel}"] = status == "reachable"
+        elif status == "unsubscribed":
+            profile[f"unsubscribed_{inp.channel}"] = True
+        elif status == "subscribed":
+            profile.pop(f"unsubscribed_{inp.channel}", None)
+        if inp.journey and inp.step:
+            self.count("feedback", inp.journey, f"{inp.step}:{status}")
 
     def on_call_result(self, res: CallResult, t: int) -> None:
         for jid, inst in list(self.st["instances"].items()):

@@ -60,11 +60,23 @@ class CallResult:
 
 @dataclass(slots=True)
 class Feedback:
-    """Delivery feedback from a sender: 'unreachable' or 'reachable' on a channel."""
+    """What became of a message, from a sender or the site's tracking (FEEDBACK_STATUSES); with the
+    send request's key, journey and step when it is about one message."""
 
     user_id: str
     channel: str
     status: str
+    key: str | None = None
+    journey: str | None = None
+    step: str | None = None
+
+
+# delivered, failed (dead-lettered), opened, clicked: counted per journey step; bounced and
+# unreachable: the channel is not used again (until `reachable`); unsubscribed: an opt-out (until
+# `subscribed`), fallbacks skip the channel
+FEEDBACK_STATUSES = frozenset(
+    {"delivered", "failed", "opened", "clicked", "bounced", "unreachable", "reachable", "unsubscribed", "subscribed"}
+)
 
 
 Input = Event | Tick | ProfileUpdate | Enroll | CallResult | Feedback
@@ -108,14 +120,15 @@ class CallRequest:
 
 
 CountKind = Literal[
-    "entered", "skipped", "exited", "converted", "visit", "step", "unreachable", "sent", "template_error"
+    "entered", "skipped", "exited", "converted", "visit", "step", "unreachable", "sent", "template_error", "feedback"
 ]
 
 
 @dataclass(slots=True)
 class Count:
     """An analytics count. `detail` by kind: skipped/exited -> reason; converted -> "" or
-    "after_exit"; visit/unreachable/template_error -> step id; step -> "<step>:<outcome>"; sent -> channel."""
+    "after_exit"; visit/unreachable/template_error -> step id; step -> "<step>:<outcome>";
+    feedback -> "<step>:<status>"; sent -> channel."""
 
     kind: CountKind
     journey: str

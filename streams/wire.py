@@ -34,7 +34,7 @@ import orjson
 from pydantic import TypeAdapter, ValidationError
 
 from nudgeflow.engine.errors import NudgeflowError
-from nudgeflow.engine.io import CallRequest, CallResult, Feedback, ProfileChanged, SendRequest
+from nudgeflow.engine.io import FEEDBACK_STATUSES, CallRequest, CallResult, Feedback, ProfileChanged, SendRequest
 
 Headers = list[tuple[str, bytes]]
 T = TypeVar("T")
@@ -213,7 +213,9 @@ def encode_call_result(res: CallResult, signer: Signer = UNSIGNED) -> Encoded:
 
 
 def encode_feedback(fb: Feedback, signer: Signer = UNSIGNED) -> Encoded:
-    doc = {"user_id": fb.user_id, "type": "feedback", "channel": fb.channel, "status": fb.status}
+    doc: dict[str, Any] = {"user_id": fb.user_id, "type": "feedback", "channel": fb.channel, "status": fb.status}
+    if fb.key is not None:
+        doc.update(key=fb.key, journey=fb.journey, step=fb.step)
     return signer.sign("feedback", Encoded(fb.user_id.encode(), orjson.dumps(doc)))
 
 
@@ -222,13 +224,19 @@ def decode_feedback(user: str, doc: dict[str, Any]) -> Feedback | CallResult:
     kind = doc.get("type")
     if kind == "feedback":
         ch, status = doc.get("channel"), doc.get("status")
-        if isinstance(ch, str) and isinstance(status, str):
-            return Feedback(user, ch, status)
+        if isinstance(ch, str) and status in FEEDBACK_STATUSES:
+            key, journey, step = doc.get("key"), doc.get("journey"), doc.get("step")
+            if all(v is None or isinstance(v, str) for v in (key, journey, step)):
+                return Feedback(user, ch, status, key, journey, step)
     elif kind == "call_result":
         key = doc.get("key")
         if isinstance(key, str):
             return CallResult(user, key, bool(doc.get("ok")), doc.get("body"))
-    raise WireError("feedback needs type feedback (channel, status) or call_result (key)")
+    raise WireError(
+        "feedback needs type feedback (channel, status: "
+        + ", ".join(sorted(FEEDBACK_STATUSES))
+        + ") or call_result (key)"
+    )
 
 
 # --- profile changes, ticks, dead letters ----------------------------------------------------

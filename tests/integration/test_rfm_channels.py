@@ -149,6 +149,9 @@ def test_bounced_email_falls_back_to_exactly_one_sms(broker: EmbeddedBroker, tmp
         assert unreachable == ["priya", "ravi"]  # both email addresses bounced
         time.sleep(3)  # nothing more arrives (absence: nothing to wait for)
         assert len(Api.sms) == 1
+        statuses = {"delivered": 1, "failed": 1, "unreachable": 2}  # priya's SMS; ravi's SMS; both emails
+        for status, n in statuses.items():
+            assert wait_for(lambda s=status, k=n: w.metric("nudgeflow_delivery_feedback_total", status=s) == k)
     finally:
         for p in procs:
             p.terminate()
