@@ -46,6 +46,7 @@ FEEDBACK = Counter(
     "What became of sent messages (delivered, failed, opened, clicked, bounced, unsubscribed, ...), per journey step",
     ["journey", "step", "status"],
 )
+CAPPED = Counter("nudgeflow_sends_capped_total", "Marketing sends skipped by a frequency cap", ["journey", "step"])
 REBALANCES = Counter("nudgeflow_rebalances_total", "Partition assignments this worker went through")
 ASSIGNED = Gauge("nudgeflow_assigned_partitions", "State partitions this worker owns now")
 PENDING_TIMERS = Gauge("nudgeflow_pending_timers", "Timers waiting in the index", ["partition"])
@@ -134,6 +135,8 @@ def count_many(counts: Mapping[tuple[CountKind, str, str], int]) -> None:
             case "feedback":
                 step, _, status = detail.partition(":")
                 FEEDBACK.labels(journey, step, status).inc(n)
+            case "capped":
+                CAPPED.labels(journey, detail).inc(n)
             case "template_error":
                 TEMPLATE_ERRORS.labels(journey, detail).inc(n)
             case _:

@@ -387,3 +387,91 @@ class TwilioProvider:
 @register("twilio", TwilioSettings, channels=("sms", "whatsapp"))
 def _twilio(channel: str, settings: Any) -> Provider:
     return TwilioProvider(settings, channel)
+
+
+# --- whatsapp: the WhatsApp Cloud API ----------------------------------------------------------
+
+
+class WhatsAppSettings(BaseSettings):
+    """WhatsApp Business messages through Meta's Cloud API (Graph API)."""
+
+    model_config = SettingsConfigDict(env_prefix="NUDGEFLOW_WHATSAPP_", extra="ignore")
+
+    phone_number_id: str
+    access_token: SecretStr
+    base_url: str = "https://graph.facebook.com/v21.0"
+    language: str = "en"  # the template language code when the request's data has none
+    timeout_s: float = 15.0
+
+
+WHATSAPP_UNREACHABLE = {131026, 131050, 131021}  # undeliverable, user stopped marketing, not a WhatsApp user
+WHATSAPP_TRANSIENT = {4, 80007, 130429, 131048, 131056}  # rate limits and spam throttling
+
+
+class WhatsAppProvider:
+    """POST {base}/{phone_number_id}/messages with a bearer token. A request with a `template` id
+    sends that approved template message (`data.language`, `data.params`: the body parameters);
+    without one, a text message (`text`/`body`; WhatsApp delivers those only within 24 h of the
+    user's last message). Error codes for undeliverable numbers and opted-out users are
+    unreachable; rate limits and 5xx transient; other 4xx permanent."""
+
+    name, idempotent = "whatsapp", False
+
+    def __init__(self, settings: WhatsAppSettings) -> None:
+        self.s = settings
+        self.http = outbound("whatsapp")
+        self.url = f"{settings.base_url.rstrip('/')}/{settings.phone_number_id}/messages"
+
+    def body(self, req: SendRequest) -> dict[str, Any]:
+        if not req.to:
+            raise Unreachable("no phone number")
+        to = req.to.removeprefix("+")
+        if req.template:
+            params = req.data.get("params") or []
+            template: dict[str, Any] = {
+                "name": req.template,
+                "language": {"code": str(req.data.get("language") or self.s.language)},
+            }
+            if params:
+                template["components"] = [
+                    {"type": "body", "parameters": [{"type": "text", "text": str(p)} for p in params]}
+                ]
+            return {"messaging_product": "whatsapp", "to": to, "type": "template", "template": template}
+        text = req.content.get("text") or req.content.get("body") or req.content.get("title") or ""
+        return {"messaging_product": "whatsapp", "to": to, "type": "text", "text": {"body": text}}
+
+    async def deliver(self, req: SendRequest) -> str | None:
+        doc = self.body(req)
+        headers = {
+            "authorization": f"Bearer {self.s.access_token.get_secret_value()}",
+            "content-type": "application/json",
+        }
+        resp = await http_call(
+            lambda: self.http.request(
+                "POST", self.url, content=orjson.dumps(doc), headers=headers, timeout=self.s.timeout_s
+            )
+        )
+        if 400 <= resp.status < 500:
+            try:
+                code = int(orjson.loads(resp.body)["error"]["code"])
+            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+                code = 0
+            if code in WHATSAPP_UNREACHABLE:
+                raise Unreachable(f"WhatsApp {code}")
+            if code in WHATSAPP_TRANSIENT or resp.status == 429:
+                raise Transient(f"WhatsApp {code or resp.status}")
+            raise Permanent(f"WhatsApp {code or resp.status}")
+        http_outcome(resp)
+        try:
+            mid: str | None = orjson.loads(resp.body)["messages"][0]["id"]
+        except (orjson.JSONDecodeError, KeyError, IndexError, TypeError):
+            mid = None
+        return mid
+
+    async def close(self) -> None:
+        await self.http.aclose()
+
+
+@register("whatsapp", WhatsAppSettings, channels=("whatsapp",))
+def _whatsapp(channel: str, settings: Any) -> Provider:
+    return WhatsAppProvider(settings)

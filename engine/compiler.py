@@ -52,6 +52,12 @@ def _validate(model: type[BaseModel], raw: Any, path: Path) -> Any:
         raise CompileErrors(pydantic_problems(e, path)) from None
 
 
+def compile_caps(raw: Mapping[str, Any]) -> tuple[g.Cap, ...]:
+    """The frequency caps of a shared-definitions file."""
+    model = _validate(s.SegmentsFile, raw, ())
+    return tuple(g.Cap(c.max, parse_duration(c.per), c.channel) for c in model.frequency_caps)
+
+
 def compile_segments(raw: Mapping[str, Any], reg: CounterRegistry) -> tuple[dict[str, Any], list[CompileError]]:
     """segments.yaml: {segments: {name: condition}}; segments may use other segments."""
     errors: list[CompileError] = []
@@ -148,7 +154,19 @@ def compile_journey(raw: Any, file: str, reg: CounterRegistry, segments: set[str
     if errors:
         raise CompileErrors(errors)
     return g.Journey(
-        jf.journey, jf.name, jf.version, jf.status, entry, goal, exits, nodes, ids[0], file, content_digest(raw)
+        jf.journey,
+        jf.name,
+        jf.version,
+        jf.status,
+        entry,
+        goal,
+        exits,
+        nodes,
+        ids[0],
+        file,
+        content_digest(raw),
+        jf.category,
+        jf.when_capped,
     )
 
 

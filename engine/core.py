@@ -545,13 +545,21 @@ class _Run:
             case _:
                 assert_never(node)
 
-    def run_send(self, j: g.Journey, inst: Instance, node: g.Send, t: int) -> str:
+    def run_send(self, j: g.Journey, inst: Instance, node: g.Send, t: int) -> str | None:
         msg: g.Message | None = node.message
         profile = self.st["profile"]
         while msg is not None and not reachable(profile, msg.channel):
             msg = msg.fallback
         if msg is None:
             self.count("unreachable", j.id, node.id)
+            return node.next
+        capped = j.category == "marketing" and bool(self.js.caps)
+        if capped and (free_at := self.cap_free_at(msg.channel, t)) is not None:
+            if j.when_capped == "delay":  # the step runs again when the cap allows it (same key)
+                self.count("step", j.id, f"{node.id}:delayed")
+                inst["wake"] = free_at
+                return None
+            self.count("capped", j.id, node.id)
             return node.next
         key = idempotency_key(j.id, self.user, inst["entry_no"], node.id, inst["moves"])
         try:
@@ -561,7 +569,32 @@ class _Run:
             return node.next
         self.sink.emit(req)
         self.count("sent", j.id, msg.channel)
+        if capped:
+            self.note_sent(msg.channel, t)
         return node.next
+
+    def cap_free_at(self, channel: str, t: int) -> int | None:
+        """None when a marketing send on `channel` at t is within every frequency cap; else the
+        earliest time it would be."""
+        sent = self.st.get("sent")
+        if not sent:
+            return None
+        free_at = None
+        for cap in self.js.caps:
+            if cap.channel is not None and cap.channel != channel:
+                continue
+            times = sorted(s[0] for s in sent if s[0] > t - cap.per_ms and (cap.channel is None or s[1] == cap.channel))
+            if len(times) >= cap.max:
+                at = times[len(times) - cap.max] + cap.per_ms
+                free_at = at if free_at is None else max(free_at, at)
+        return free_at
+
+    def note_sent(self, channel: str, t: int) -> None:
+        """Remember a marketing send for the caps, as long as the longest cap window needs it."""
+        keep = max(c.per_ms for c in self.js.caps)
+        sent = [s for s in self.st.get("sent", ()) if s[0] > t - keep]
+        sent.append((t, channel))
+        self.st["sent"] = sent
 
     def run_wait_until(self, j: g.Journey, inst: Instance, node: g.WaitUntil, t: int) -> str | None:
         if node.at is not None:

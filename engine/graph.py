@@ -169,6 +169,8 @@ class Journey:
     first: str
     file: str
     digest: str = ""  # content hash of the file (compiler.content_digest): edits without a version bump
+    category: str = "marketing"  # marketing | transactional (exempt from frequency caps)
+    when_capped: str = "skip"  # skip | delay
     listens: frozenset[str] = field(init=False)  # events that matter to a user in it: goal, exits, wait_for
 
     def __post_init__(self) -> None:
@@ -178,6 +180,13 @@ class Journey:
         object.__setattr__(self, "listens", frozenset(names))
 
 
+@dataclass(frozen=True, slots=True)
+class Cap:
+    max: int
+    per_ms: int
+    channel: str | None  # None: all channels
+
+
 @dataclass(frozen=True)
 class JourneySet:
     """All loaded journeys, indexed for the hot path."""
@@ -185,6 +194,7 @@ class JourneySet:
     journeys: Mapping[str, Journey]
     segments: Mapping[str, Cond]
     counters: tuple[Counter, ...]
+    caps: tuple[Cap, ...] = ()  # frequency caps of marketing sends, per user
     by_trigger: Mapping[str, tuple[Journey, ...]] = field(init=False)
     counters_by_event: Mapping[str, tuple[Counter, ...]] = field(init=False)
     watched: frozenset[str] = field(init=False)  # event names that can change any state

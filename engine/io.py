@@ -120,14 +120,24 @@ class CallRequest:
 
 
 CountKind = Literal[
-    "entered", "skipped", "exited", "converted", "visit", "step", "unreachable", "sent", "template_error", "feedback"
+    "entered",
+    "skipped",
+    "exited",
+    "converted",
+    "visit",
+    "step",
+    "unreachable",
+    "sent",
+    "template_error",
+    "feedback",
+    "capped",
 ]
 
 
 @dataclass(slots=True)
 class Count:
     """An analytics count. `detail` by kind: skipped/exited -> reason; converted -> "" or
-    "after_exit"; visit/unreachable/template_error -> step id; step -> "<step>:<outcome>";
+    "after_exit"; visit/unreachable/template_error/capped -> step id; step -> "<step>:<outcome>";
     feedback -> "<step>:<status>"; sent -> channel."""
 
     kind: CountKind

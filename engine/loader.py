@@ -10,9 +10,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from nudgeflow.engine.compiler import compile_journey, compile_segments
+from nudgeflow.engine.compiler import compile_caps, compile_journey, compile_segments
 from nudgeflow.engine.errors import CompileError, CompileErrors, JourneyFileError, JourneyFileErrors
-from nudgeflow.engine.graph import Journey, JourneySet
+from nudgeflow.engine.graph import Cap, Journey, JourneySet
 from nudgeflow.engine.predicates import CounterRegistry
 from nudgeflow.engine.yamlsource import format_path, line_of, load_with_lines
 
@@ -63,6 +63,7 @@ def compile_documents(
 ) -> JourneySet:
     reg = CounterRegistry()
     segments: dict[str, Any] = {}
+    caps: list[Cap] = []
 
     def report(file: str, lines: dict[tuple[str | int, ...], int], ces: list[CompileError]) -> None:
         for ce in ces:
@@ -73,9 +74,10 @@ def compile_documents(
 
     journey_docs = []
     for file, data, lines in docs:
-        if isinstance(data, dict) and "segments" in data and "journey" not in data:
+        if isinstance(data, dict) and ("segments" in data or "frequency_caps" in data) and "journey" not in data:
             try:
                 segs, ces = compile_segments(data, reg)
+                caps.extend(compile_caps(data))
             except CompileErrors as m:
                 report(file, lines, m.errors)
                 continue
@@ -101,4 +103,4 @@ def compile_documents(
         journeys[j.id] = j
     if errors:
         raise JourneyFileErrors(errors)
-    return JourneySet(journeys, segments, reg.counters())
+    return JourneySet(journeys, segments, reg.counters(), tuple(caps))

@@ -269,14 +269,36 @@ class JourneyFile(Model):
     description: str = ""
     source: str = ""
     status: Literal["active", "paused", "stopped"] = "active"
+    category: Literal["marketing", "transactional"] = Field(
+        "marketing",
+        description="transactional journeys (receipts, OTPs, reminders owed) are exempt from frequency caps",
+    )
+    when_capped: Literal["skip", "delay"] = Field(
+        "skip", description="a send over a frequency cap is skipped (counted), or delayed until the cap allows it"
+    )
     entry: Entry
     goal: Goal | None = None
     exit_when: list[ExitRule] = []
     steps: dict[str, dict[str, Any]] = Field(min_length=1, description="ordered: id -> step")
 
 
+class FrequencyCap(Model):
+    """At most `max` marketing messages per `per` (on `channel`, or on all channels)."""
+
+    max: PositiveInt
+    per: Duration
+    channel: Channel | None = None
+
+
 class SegmentsFile(Model):
-    segments: dict[str, Condition]
+    """A file of shared definitions: segments, and the frequency caps every marketing journey obeys."""
+
+    segments: dict[str, Condition] = {}
+    frequency_caps: list[FrequencyCap] = Field(
+        [],
+        description="per user, across all marketing journeys: "
+        "e.g. [{max: 3, per: 1d}, {max: 1, per: 1h, channel: push}]",
+    )
 
 
 def json_schema() -> dict[str, Any]:

@@ -49,6 +49,7 @@ class UserState(TypedDict):
     entries: dict[str, EntryHistory]  # journey id -> entry history
     profile: dict[str, Any]  # profile attributes (from user_profiles and update steps)
     history: dict[str, list[int]]  # counter id -> sorted event times the conditions need
+    sent: NotRequired[list[tuple[int, str]]]  # (time, channel) of marketing sends the frequency caps need
 
 
 def new_state() -> UserState:
@@ -75,4 +76,5 @@ def clone(s: UserState) -> UserState:
         "entries": dict(s["entries"]),
         "profile": dict(s["profile"]),
         "history": {k: list(v) for k, v in s["history"].items()},
+        **({"sent": list(s["sent"])} if "sent" in s else {}),  # type: ignore[typeddict-item]
     }

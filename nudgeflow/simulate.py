@@ -93,7 +93,7 @@ def summary(sim: Simulator) -> list[dict[str, Any]]:
             elif fx.kind == "step":
                 step, _, outcome = fx.detail.partition(":")
                 steps[(fx.journey, step)][outcome] += 1
-            elif fx.kind in ("unreachable", "template_error"):
+            elif fx.kind in ("unreachable", "template_error", "capped"):
                 steps[(fx.journey, fx.detail)][fx.kind] += 1
             elif fx.kind in ("entered", "converted"):
                 j[fx.kind] += 1

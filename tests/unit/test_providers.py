@@ -157,3 +157,87 @@ def test_twilio_gets_the_messages_api_request_and_its_answers_are_classified(twi
         asyncio.run(go("+15559990003"))
     with pytest.raises(Unreachable):
         asyncio.run(go(None))  # type: ignore[arg-type]
+
+
+# --- WhatsApp Cloud API --------------------------------------------------------------------------
+
+
+class Graph(BaseHTTPRequestHandler):
+    seen: ClassVar[list[tuple[str, str, dict[str, Any]]]] = []
+    errors: ClassVar[dict[str, tuple[int, int]]] = {}  # to -> (HTTP status, error code)
+
+    def do_POST(self) -> None:
+        doc = json.loads(self.rfile.read(int(self.headers["content-length"])))
+        Graph.seen.append((self.path, self.headers["authorization"], doc))
+        status, code = Graph.errors.get(doc["to"], (200, 0))
+        body = (
+            {"messaging_product": "whatsapp", "messages": [{"id": f"wamid.{len(Graph.seen)}"}]}
+            if status == 200
+            else {"error": {"message": "no", "type": "OAuthException", "code": code}}
+        )
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args: object) -> None:
+        return
+
+
+def test_whatsapp_sends_template_messages_and_classifies_the_graph_api_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    from nudgeflow.channels.providers import WhatsAppProvider, WhatsAppSettings
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Graph)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("NUDGEFLOW_OUTBOUND_ALLOW_NETWORKS", "127.0.0.1/32")
+    Graph.errors = {"15559990000": (400, 131026), "15559990001": (400, 130429), "15559990002": (400, 132001)}
+    provider = WhatsAppProvider(
+        WhatsAppSettings(
+            phone_number_id="1057",
+            access_token="EAAB",  # type: ignore[arg-type]
+            base_url=f"http://127.0.0.1:{server.server_address[1]}/v21.0",
+        )
+    )
+    try:
+        r = SendRequest(
+            "k",
+            "whatsapp",
+            "u1",
+            "j",
+            1,
+            "s",
+            1,
+            "emi_reminder",
+            {},
+            {"params": ["Asha", "12 Dec"]},
+            5,
+            None,
+            None,
+            "+15550100",
+            None,
+        )
+        assert asyncio.run(provider.deliver(r)) == "wamid.1"
+        path, auth, doc = Graph.seen[0]
+        assert path == "/v21.0/1057/messages" and auth == "Bearer EAAB"
+        assert doc == {
+            "messaging_product": "whatsapp",
+            "to": "15550100",
+            "type": "template",
+            "template": {
+                "name": "emi_reminder",
+                "language": {"code": "en"},
+                "components": [
+                    {
+                        "type": "body",
+                        "parameters": [{"type": "text", "text": "Asha"}, {"type": "text", "text": "12 Dec"}],
+                    }
+                ],
+            },
+        }
+        for to, error in (("+15559990000", Unreachable), ("+15559990001", Transient), ("+15559990002", Permanent)):
+            with pytest.raises(error):
+                asyncio.run(provider.deliver(req("whatsapp", to, text="hi")))
+    finally:
+        server.shutdown()
