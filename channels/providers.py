@@ -27,11 +27,13 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from email.message import EmailMessage
+from pathlib import Path
 from typing import Any, Protocol, TextIO, TypeVar
 from urllib.parse import urlencode
 
 import aiosmtplib
 import httpx
+import jwt
 import orjson
 from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -475,3 +477,112 @@ class WhatsAppProvider:
 @register("whatsapp", WhatsAppSettings, channels=("whatsapp",))
 def _whatsapp(channel: str, settings: Any) -> Provider:
     return WhatsAppProvider(settings)
+
+
+# --- push: Firebase Cloud Messaging HTTP v1 ----------------------------------------------------
+
+
+class FcmSettings(BaseSettings):
+    """Push through FCM HTTP v1, authorised with a Google service account key file."""
+
+    model_config = SettingsConfigDict(env_prefix="NUDGEFLOW_FCM_", extra="ignore")
+
+    service_account_file: Path  # the JSON key of a service account with the Firebase Messaging role
+    project_id: str | None = None  # default: the key file's project_id
+    base_url: str = "https://fcm.googleapis.com"
+    timeout_s: float = 10.0
+
+
+FCM_SCOPE = "https://www.googleapis.com/auth/firebase.messaging"
+
+
+class FcmProvider:
+    """POST {base}/v1/projects/{project}/messages:send with an OAuth bearer token, which it gets
+    (and renews before it expires) by signing a JWT assertion with the service account's key and
+    exchanging it at the key's token_uri. The message carries `notification` (title, body, image)
+    and `data` (the request's data as text, plus `nudgeflow_key`). 404 and `UNREGISTERED` (an
+    uninstalled app, a stale token) are unreachable; 429 and 5xx transient; 401 renews the token
+    and retries; other 4xx permanent."""
+
+    name, idempotent = "fcm", False
+
+    def __init__(self, settings: FcmSettings) -> None:
+        try:
+            key = orjson.loads(settings.service_account_file.read_bytes())
+            self.email, self.private_key, self.token_uri = key["client_email"], key["private_key"], key["token_uri"]
+        except (OSError, orjson.JSONDecodeError, KeyError) as e:
+            raise ConfigError(
+                f"NUDGEFLOW_FCM_SERVICE_ACCOUNT_FILE: not a service account key ({type(e).__name__})"
+            ) from None
+        project = settings.project_id or key.get("project_id")
+        if not project:
+            raise ConfigError("NUDGEFLOW_FCM_PROJECT_ID: not set and not in the key file")
+        self.s = settings
+        self.http = outbound("push")
+        self.url = f"{settings.base_url.rstrip('/')}/v1/projects/{project}/messages:send"
+        self._token: str | None = None
+        self._token_until = 0.0
+
+    async def token(self) -> str:
+        if self._token is not None and time.time() < self._token_until - 60:
+            return self._token
+        now = int(time.time())
+        claims = {"iss": self.email, "scope": FCM_SCOPE, "aud": self.token_uri, "iat": now, "exp": now + 3600}
+        assertion = jwt.encode(claims, self.private_key, algorithm="RS256")
+        form = urlencode({"grant_type": "urn:ietf:params:oauth:grant-type:jwt-bearer", "assertion": assertion})
+        resp = await http_call(
+            lambda: self.http.request(
+                "POST",
+                self.token_uri,
+                content=form.encode(),
+                headers={"content-type": "application/x-www-form-urlencoded"},
+                timeout=self.s.timeout_s,
+            )
+        )
+        if resp.status != 200:
+            if resp.status >= 500 or resp.status == 429:
+                raise Transient(f"FCM token {resp.status}")
+            raise Permanent(f"FCM token {resp.status}: the service account was refused")
+        doc = orjson.loads(resp.body)
+        self._token, self._token_until = str(doc["access_token"]), now + float(doc.get("expires_in", 3600))
+        return self._token
+
+    def body(self, req: SendRequest) -> dict[str, Any]:
+        if not req.to:
+            raise Unreachable("no push token")
+        c = req.content
+        notification = {k: c[f] for k, f in (("title", "title"), ("body", "body"), ("image", "image")) if c.get(f)}
+        data = {str(k): v if isinstance(v, str) else orjson.dumps(v).decode() for k, v in req.data.items()}
+        message: dict[str, Any] = {"token": req.to, "data": {**data, "nudgeflow_key": req.key}}
+        if notification:
+            message["notification"] = notification
+        return {"message": message}
+
+    async def deliver(self, req: SendRequest) -> str | None:
+        doc = orjson.dumps(self.body(req))
+        for _ in range(2):  # a 401: the token was revoked or expired early, renew it once
+            headers = {"authorization": f"Bearer {await self.token()}", "content-type": "application/json"}
+            resp = await http_call(
+                lambda h=headers: self.http.request("POST", self.url, content=doc, headers=h, timeout=self.s.timeout_s)  # type: ignore[misc]
+            )
+            if resp.status != 401:
+                break
+            self._token = None
+        else:
+            raise Permanent("FCM 401: the service account is not authorised")
+        if resp.status == 404 or b"UNREGISTERED" in resp.body:
+            raise Unreachable(f"FCM {resp.status} UNREGISTERED")
+        http_outcome(resp)
+        try:
+            name: str | None = orjson.loads(resp.body).get("name")
+        except (orjson.JSONDecodeError, AttributeError):
+            name = None
+        return name
+
+    async def close(self) -> None:
+        await self.http.aclose()
+
+
+@register("fcm", FcmSettings, channels=("push",))
+def _fcm(channel: str, settings: Any) -> Provider:
+    return FcmProvider(settings)

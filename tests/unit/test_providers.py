@@ -241,3 +241,116 @@ def test_whatsapp_sends_template_messages_and_classifies_the_graph_api_errors(mo
                 asyncio.run(provider.deliver(req("whatsapp", to, text="hi")))
     finally:
         server.shutdown()
+
+
+# --- FCM HTTP v1 ---------------------------------------------------------------------------------
+
+
+class Google(BaseHTTPRequestHandler):
+    public_key: ClassVar[Any] = None
+    token_uri: ClassVar[str] = ""
+    grants: ClassVar[list[dict[str, Any]]] = []
+    sends: ClassVar[list[tuple[str, dict[str, Any]]]] = []
+
+    def do_POST(self) -> None:
+        import jwt
+
+        raw = self.rfile.read(int(self.headers["content-length"]))
+        if self.path == "/token":
+            form = parse_qs(raw.decode())
+            claims = jwt.decode(
+                form["assertion"][0], Google.public_key, algorithms=["RS256"], audience=Google.token_uri
+            )
+            Google.grants.append(claims)
+            self._json(200, {"access_token": f"ya29.{len(Google.grants)}", "expires_in": 3599, "token_type": "Bearer"})
+            return
+        doc = json.loads(raw)
+        Google.sends.append((self.headers["authorization"], doc))
+        token = doc["message"]["token"]
+        if token == "stale":
+            self._json(404, {"error": {"code": 404, "status": "NOT_FOUND", "details": [{"errorCode": "UNREGISTERED"}]}})
+        elif token == "busy":
+            self._json(503, {"error": {"code": 503, "status": "UNAVAILABLE"}})
+        else:
+            self._json(200, {"name": f"projects/p1/messages/{len(Google.sends)}"})
+
+    def _json(self, status: int, doc: Any) -> None:
+        data = json.dumps(doc).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args: object) -> None:
+        return
+
+
+def test_fcm_signs_a_service_account_assertion_and_sends_v1_messages(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    from nudgeflow.channels.providers import FcmProvider, FcmSettings
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Google)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    Google.public_key, Google.token_uri = key.public_key(), f"{base}/token"
+    account = {
+        "type": "service_account",
+        "project_id": "p1",
+        "client_email": "nf@p1.iam.gserviceaccount.com",
+        "private_key": pem.decode(),
+        "token_uri": f"{base}/token",
+    }
+    (tmp_path / "sa.json").write_text(json.dumps(account))
+    monkeypatch.setenv("NUDGEFLOW_OUTBOUND_ALLOW_NETWORKS", "127.0.0.1/32")
+    provider = FcmProvider(FcmSettings(service_account_file=tmp_path / "sa.json", base_url=base))
+    try:
+        r = SendRequest(
+            "key-9",
+            "push",
+            "u1",
+            "j",
+            1,
+            "s",
+            1,
+            None,
+            {"title": "Still there?", "body": "Your cart"},
+            {"cart": {"id": 7}},
+            5,
+            None,
+            None,
+            "device-token-1",
+            None,
+        )
+
+        async def go() -> list[Any]:
+            out: list[Any] = [await provider.deliver(r), await provider.deliver(r)]
+            for token, error in (("stale", Unreachable), ("busy", Transient)):
+                try:
+                    await provider.deliver(req("push", token, title="x"))
+                except error as e:
+                    out.append(type(e).__name__)
+            return out
+
+        assert asyncio.run(go()) == ["projects/p1/messages/1", "projects/p1/messages/2", "Unreachable", "Transient"]
+        assert len(Google.grants) == 1  # the access token is reused until it nears expiry
+        claims = Google.grants[0]
+        assert claims["iss"] == "nf@p1.iam.gserviceaccount.com"
+        assert claims["scope"] == "https://www.googleapis.com/auth/firebase.messaging"
+        auth, doc = Google.sends[0]
+        assert auth == "Bearer ya29.1"
+        assert doc == {
+            "message": {
+                "token": "device-token-1",
+                "notification": {"title": "Still there?", "body": "Your cart"},
+                "data": {"cart": '{"id":7}', "nudgeflow_key": "key-9"},
+            }
+        }
+    finally:
+        server.shutdown()
