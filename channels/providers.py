@@ -29,14 +29,16 @@ from dataclasses import dataclass
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any, Protocol, TextIO, TypeVar
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 import aiosmtplib
 import httpx
 import jwt
 import orjson
+from py_vapid import Vapid02
 from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from pywebpush import WebPusher
 
 from nudgeflow.channels.outbound import Answer, Outbound, OutboundPolicy, Refused
 from nudgeflow.engine.errors import ConfigError, NudgeflowError
@@ -586,3 +588,75 @@ class FcmProvider:
 @register("fcm", FcmSettings, channels=("push",))
 def _fcm(channel: str, settings: Any) -> Provider:
     return FcmProvider(settings)
+
+
+# --- webpush: VAPID Web Push ---------------------------------------------------------------------
+
+
+class WebPushSettings(BaseSettings):
+    """Browser push (RFC 8030 push services: FCM for Chrome, Mozilla's autopush, Apple's) with VAPID."""
+
+    model_config = SettingsConfigDict(env_prefix="NUDGEFLOW_WEBPUSH_", extra="ignore")
+
+    vapid_private_key: SecretStr  # PEM, or the base64url raw/DER form `vapid --gen` prints
+    subject: str  # mailto: or https: contact the push services may use
+    ttl_s: int = 86400  # how long the push service keeps it for an offline browser
+    timeout_s: float = 10.0
+
+
+class WebPushProvider:
+    """The request's `to` is the browser's PushSubscription (JSON: endpoint, keys.p256dh,
+    keys.auth). The payload (JSON: title, body, url, image, data, key) is encrypted for it
+    (aes128gcm, RFC 8291) and POSTed to its endpoint with a VAPID `Authorization` (RFC 8292),
+    `TTL` and `Topic` headers, through the outbound policy. 201 delivered; 404/410 (the
+    subscription is gone) unreachable; 429 and 5xx transient; other 4xx permanent."""
+
+    name, idempotent = "webpush", False
+
+    def __init__(self, settings: WebPushSettings) -> None:
+        self.s = settings
+        key = settings.vapid_private_key.get_secret_value().strip()
+        try:
+            self.vapid = Vapid02.from_pem(key.encode()) if key.startswith("-----") else Vapid02.from_string(key)
+        except Exception as e:  # py_vapid raises several kinds for a bad key
+            raise ConfigError(f"NUDGEFLOW_WEBPUSH_VAPID_PRIVATE_KEY: not a VAPID key ({type(e).__name__})") from None
+        self.http = outbound("webpush")
+
+    async def deliver(self, req: SendRequest) -> str | None:
+        try:
+            sub = orjson.loads(req.to or "")
+            endpoint, keys = str(sub["endpoint"]), sub["keys"]
+            keys["p256dh"], keys["auth"]
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            raise Unreachable("no web push subscription") from None
+        c = req.content
+        payload: dict[str, Any] = {k: c[k] for k in ("title", "body", "url", "image") if c.get(k)}
+        payload.update(data=dict(req.data), key=req.key)
+        try:
+            body = WebPusher(sub).encode(orjson.dumps(payload), "aes128gcm")["body"]
+        except Exception:  # a malformed key in the subscription
+            raise Unreachable("the subscription's keys cannot be used") from None
+        u = urlsplit(endpoint)
+        claims = {"sub": self.s.subject, "aud": f"{u.scheme}://{u.netloc}", "exp": int(time.time()) + 12 * 3600}
+        headers = {
+            **self.vapid.sign(claims),
+            "content-encoding": "aes128gcm",
+            "content-type": "application/octet-stream",
+            "ttl": str(self.s.ttl_s),
+            "topic": req.key[:32],  # a retry replaces, not adds to, a message still queued
+            "urgency": "normal",
+        }
+        resp = await http_call(
+            lambda: self.http.request("POST", endpoint, content=body, headers=headers, timeout=self.s.timeout_s)
+        )
+        http_outcome(resp)
+        location: str | None = resp.headers.get("location")
+        return location
+
+    async def close(self) -> None:
+        await self.http.aclose()
+
+
+@register("webpush", WebPushSettings, channels=("webpush",))
+def _webpush(channel: str, settings: Any) -> Provider:
+    return WebPushProvider(settings)

@@ -354,3 +354,95 @@ def test_fcm_signs_a_service_account_assertion_and_sends_v1_messages(
         }
     finally:
         server.shutdown()
+
+
+# --- Web Push (VAPID, aes128gcm) -----------------------------------------------------------------
+
+
+class PushService(BaseHTTPRequestHandler):
+    received: ClassVar[list[tuple[str, dict[str, str], bytes]]] = []
+    gone: ClassVar[set[str]] = set()
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["content-length"]))
+        PushService.received.append((self.path, {k.lower(): v for k, v in self.headers.items()}, body))
+        self.send_response(410 if self.path in PushService.gone else 201)
+        self.send_header("Location", f"{self.path}/m{len(PushService.received)}")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        return
+
+
+def test_web_push_encrypts_for_the_subscription_and_signs_with_vapid(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    import http_ece
+    import jwt
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from py_vapid import Vapid02, b64urlencode
+
+    from nudgeflow.channels.providers import WebPushProvider, WebPushSettings
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), PushService)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    monkeypatch.setenv("NUDGEFLOW_OUTBOUND_ALLOW_NETWORKS", "127.0.0.1/32")
+    vapid = Vapid02()
+    vapid.generate_keys()
+    browser = ec.generate_private_key(ec.SECP256R1())  # the browser's subscription key pair
+    auth = os.urandom(16)
+    public = browser.public_key().public_bytes(
+        serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
+    )
+
+    def subscription(path: str) -> str:
+        return json.dumps(
+            {"endpoint": f"{base}{path}", "keys": {"p256dh": b64urlencode(public), "auth": b64urlencode(auth)}}
+        )
+
+    PushService.gone = {"/push/gone"}
+    provider = WebPushProvider(
+        WebPushSettings(vapid_private_key=vapid.private_pem().decode(), subject="mailto:ops@shop.example")  # type: ignore[arg-type]
+    )
+    try:
+        r = SendRequest(
+            "key-3",
+            "webpush",
+            "u1",
+            "j",
+            1,
+            "s",
+            1,
+            None,
+            {"title": "Back in stock", "url": "/p/1"},
+            {},
+            5,
+            None,
+            None,
+            subscription("/push/abc"),
+            None,
+        )
+
+        async def go() -> list[Any]:
+            out: list[Any] = [await provider.deliver(r)]
+            for to in (subscription("/push/gone"), None):
+                try:
+                    await provider.deliver(req("webpush", to, title="x"))
+                except Unreachable as e:
+                    out.append(e.reason)
+            return out
+
+        assert asyncio.run(go()) == ["/push/abc/m1", "HTTP 410", "no web push subscription"]
+        path, headers, body = PushService.received[0]
+        assert path == "/push/abc" and headers["content-encoding"] == "aes128gcm" and headers["ttl"] == "86400"
+        scheme, _, params = headers["authorization"].partition(" ")
+        token = dict(p.split("=", 1) for p in params.split(","))["t"]
+        claims = jwt.decode(token, vapid.public_key, algorithms=["ES256"], audience=base)
+        assert scheme == "vapid" and claims["sub"] == "mailto:ops@shop.example"
+        payload = json.loads(http_ece.decrypt(body, private_key=browser, auth_secret=auth, version="aes128gcm"))
+        assert payload == {"title": "Back in stock", "url": "/p/1", "data": {}, "key": "key-3"}
+    finally:
+        server.shutdown()
