@@ -446,3 +446,150 @@ def test_web_push_encrypts_for_the_subscription_and_signs_with_vapid(monkeypatch
         assert payload == {"title": "Back in stock", "url": "/p/1", "data": {}, "key": "key-3"}
     finally:
         server.shutdown()
+
+
+# --- APNs over HTTP/2 ----------------------------------------------------------------------------
+
+
+def self_signed(tmp: Any) -> tuple[str, str]:
+    """A certificate for 127.0.0.1 (its own CA), and its key: paths."""
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+        .sign(key, hashes.SHA256())
+    )
+    (tmp / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp / "key.pem").write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return str(tmp / "cert.pem"), str(tmp / "key.pem")
+
+
+def test_apns_sends_over_http2_with_a_provider_token_and_classifies_reasons(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    import jwt
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from hypercorn.asyncio import serve
+    from hypercorn.config import Config
+
+    from nudgeflow.channels.providers import ApnsProvider, ApnsSettings
+
+    seen: list[tuple[str, str, dict[str, str], dict[str, Any]]] = []
+    answers = {
+        "dead": (410, {"reason": "Unregistered"}),
+        "busy": (503, {"reason": "ServiceUnavailable"}),
+        "bad": (400, {"reason": "PayloadEmpty"}),
+    }
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        body = b""
+        while True:
+            msg = await receive()
+            body += msg.get("body", b"")
+            if not msg.get("more_body"):
+                break
+        headers = {k.decode(): v.decode() for k, v in scope["headers"]}
+        seen.append((scope["http_version"], scope["path"], headers, json.loads(body)))
+        token = scope["path"].rsplit("/", 1)[1]
+        status, doc = answers.get(token, (200, None))
+        out = [(b"apns-id", b"A1B2")] if status == 200 else [(b"content-type", b"application/json")]
+        await send({"type": "http.response.start", "status": status, "headers": out})
+        await send({"type": "http.response.body", "body": json.dumps(doc).encode() if doc else b""})
+
+    cert, key = self_signed(tmp_path)
+    port = free_port()
+    config = Config()
+    config.bind = [f"127.0.0.1:{port}"]
+    config.certfile, config.keyfile = cert, key
+    stop = threading.Event()
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(
+        target=lambda: loop.run_until_complete(
+            serve(app, config, shutdown_trigger=lambda: loop.run_in_executor(None, stop.wait))  # type: ignore[arg-type]
+        ),
+        daemon=True,
+    )
+    thread.start()
+    monkeypatch.setenv("NUDGEFLOW_OUTBOUND_ALLOW_NETWORKS", "127.0.0.1/32")
+    signing = ec.generate_private_key(ec.SECP256R1())
+    p8 = signing.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    provider = ApnsProvider(
+        ApnsSettings(
+            team_id="TEAM123",
+            key_id="KEY456",
+            private_key=p8.decode(),
+            topic="com.shop.app",  # type: ignore[arg-type]
+            base_url=f"https://127.0.0.1:{port}",
+            ca_file=cert,
+        )
+    )
+    try:
+        r = SendRequest(
+            "key-7",
+            "push",
+            "u1",
+            "j",
+            1,
+            "s",
+            1,
+            None,
+            {"title": "Hi", "body": "Your cart"},
+            {"cart": 7},
+            5,
+            None,
+            None,
+            "abcd1234",
+            1767225600000,
+        )
+
+        async def go() -> list[Any]:
+            for _ in range(50):  # the server thread may still be binding
+                try:
+                    out: list[Any] = [await provider.deliver(r)]
+                    break
+                except Transient:
+                    await asyncio.sleep(0.1)
+            for token in ("dead", "busy", "bad"):
+                try:
+                    await provider.deliver(req("push", token, title="x"))
+                except (Unreachable, Transient, Permanent) as e:
+                    out.append(type(e).__name__)
+            await provider.close()
+            return out
+
+        assert asyncio.run(go()) == ["A1B2", "Unreachable", "Transient", "Permanent"]
+        version, path, headers, body = seen[0]
+        assert version == "2" and path == "/3/device/abcd1234"
+        assert headers["apns-topic"] == "com.shop.app" and headers["apns-push-type"] == "alert"
+        assert headers["apns-expiration"] == "1767225600" and headers["apns-collapse-id"] == "key-7"
+        token = headers["authorization"].removeprefix("bearer ")
+        assert jwt.get_unverified_header(token)["kid"] == "KEY456"
+        assert jwt.decode(token, signing.public_key(), algorithms=["ES256"])["iss"] == "TEAM123"
+        assert body == {"cart": 7, "aps": {"alert": {"title": "Hi", "body": "Your cart"}}, "nudgeflow_key": "key-7"}
+    finally:
+        stop.set()
+        thread.join(10)
