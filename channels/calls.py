@@ -79,7 +79,15 @@ class CallRunner(BatchConsumer):
         max_response_bytes: int = 32 * 1024,
         signer: wire.Signer = wire.UNSIGNED,
     ) -> None:
-        super().__init__(bootstrap, topics.calls, group, state_dir / "call-runner", session_timeout_ms, log)
+        super().__init__(
+            bootstrap,
+            topics.calls,
+            group,
+            state_dir / "call-runner",
+            session_timeout_ms,
+            log,
+            keys_topic=topics.keys("calls"),
+        )
         self.topics, self.signer = topics, signer
         self.limit = asyncio.Semaphore(max_concurrency)
         self.ok = self.failed = self.duplicates = self.forged = 0
@@ -97,14 +105,26 @@ class CallRunner(BatchConsumer):
                 self._dead(m, "bad_signature", "call request without a valid signature (NUDGEFLOW_TOPIC_SECRET)")
                 continue
             try:
-                reqs.append(wire.decode_call_request(m.value()))
+                reqs.append((m.partition(), wire.decode_call_request(m.value())))
             except wire.WireError as e:
                 log.warning("a malformed call request at offset %s is dead-lettered", m.offset())
                 self._dead(m, "bad_message", str(e))
         if self._http is None:
             self._http = Outbound(self.policy, self.max_response_bytes)
         http = self._http
-        await asyncio.gather(*(self._one(http, r) for r in reqs))
+        todo, seen = [], set()
+        for p, r in reqs:
+            if r.key in self.keys or r.key in seen:
+                self.duplicates += 1
+                continue
+            seen.add(r.key)
+            interrupted = self.keys.started(r.key) and (r.method or "GET") != "GET"
+            if not interrupted:
+                self.keys.begin(r.key, p)
+            todo.append((p, r, interrupted))
+        if todo and self.keys.journal is not None:
+            self.producer.flush(30)  # the started marks are durable before any call is made
+        await asyncio.gather(*(self._one(http, p, r, interrupted) for p, r, interrupted in todo))
 
     def _dead(self, m: Any, reason: str, detail: str) -> None:
         headers = wire.dead_letter_headers(reason, detail, m.topic(), m.partition(), m.offset())
@@ -114,20 +134,16 @@ class CallRunner(BatchConsumer):
         if self._http is not None:
             await self._http.aclose()
 
-    async def _one(self, http: Outbound, req: CallRequest) -> None:
-        if req.key in self.keys:
-            self.duplicates += 1
-            return
-        if self.keys.started(req.key) and (req.method or "GET") != "GET":
+    async def _one(self, http: Outbound, partition: int, req: CallRequest, interrupted: bool) -> None:
+        if interrupted:
             ok, body = False, {"error": "interrupted"}  # the API may have acted on it: never twice
             log.info("call %s was interrupted by a restart: not repeated", req.key[:12])
         else:
-            self.keys.begin(req.key)
             async with self.limit:
                 ok, body = await self._call(http, req)
         enc = wire.encode_call_result(CallResult(req.user_id, req.key, ok, body), self.signer)
         self.producer.produce(self.topics.feedback, key=enc.key, value=enc.value, headers=enc.headers)
-        self.keys.add(req.key)
+        self.keys.add(req.key, partition)
         metrics.CALLS.labels("ok" if ok else "failed").inc()
         if ok:
             self.ok += 1

@@ -2,7 +2,13 @@
 
 Senders and the call runner differ only in what they do with a batch (`handle`). Offsets are
 committed after the batch's work is done and whatever it produced is flushed, so a crash replays
-the batch; the durable set of finished keys (`DoneKeys`) makes the replay a no-op.
+the batch; the durable set of started and finished keys (`DoneKeys`) makes the replay a no-op.
+
+The keys live in RocksDB, and every change is also journaled to a compacted keys topic
+(`nudgeflow.keys.<what>`) in the partition of the message it is about. When a replica is
+assigned a partition, it first reads that partition of the keys topic (from where it last read it)
+into its RocksDB: a partition that moves between replicas (a crash, a scale-up) moves with what
+was delivered, and with what was started and never finished.
 """
 
 from __future__ import annotations
@@ -15,10 +21,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 from rocksdict import Options, Rdict
 
-from nudgeflow.broker import Target
+from nudgeflow.broker import Target, client_conf
 from nudgeflow.channels.clients import channel_consumer, feedback_producer, ok_messages
+from nudgeflow.engine.errors import NudgeflowError
 
 
 class DoneKeys:
@@ -26,10 +34,17 @@ class DoneKeys:
     survive restarts. Values: `i:<epoch ms>` started, `d:<epoch ms>` done. Keys older than `ttl_s`
     are forgotten by `purge` (requests that old are expired anyway: README "Send requests")."""
 
-    def __init__(self, path: Path, ttl_s: float = 7 * 86400, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        path: Path,
+        ttl_s: float = 7 * 86400,
+        clock: Callable[[], float] = time.time,
+        journal: Callable[[int, bytes, bytes], None] | None = None,
+    ) -> None:
         path.mkdir(parents=True, exist_ok=True)
         self.db = Rdict(str(path), Options(raw_mode=True))
         self.ttl_s, self.clock = ttl_s, clock
+        self.journal = journal  # (partition, key, value): to the keys topic
 
     def _stamp(self, kind: bytes) -> bytes:
         return kind + b":%d" % int(self.clock() * 1000)
@@ -38,12 +53,32 @@ class DoneKeys:
         v = self.db.get(key.encode())
         return v is not None and (v[:1] == b"d" or v == b"1")  # b"1": written by nudgeflow 0.1
 
-    def add(self, key: str) -> None:
-        self.db.put(key.encode(), self._stamp(b"d"))
+    def _put(self, key: str, value: bytes, partition: int | None) -> None:
+        k = key.encode()
+        self.db.put(k, value)
+        if self.journal is not None and partition is not None:
+            self.journal(partition, k, value)
 
-    def begin(self, key: str) -> None:
+    def add(self, key: str, partition: int | None = None) -> None:
+        self._put(key, self._stamp(b"d"), partition)
+
+    def begin(self, key: str, partition: int | None = None) -> None:
         """Mark a key as started but not finished (a crash now leaves it so: see `started`)."""
-        self.db.put(key.encode(), self._stamp(b"i"))
+        self._put(key, self._stamp(b"i"), partition)
+
+    def merge(self, records: list[tuple[bytes, bytes | None]], partition: int, offset: int) -> None:
+        """Keys read from the keys topic (a finished mark wins over a started one), and how far."""
+        for k, v in records:
+            if v is None:
+                continue
+            if v[:1] == b"i" and (old := self.db.get(k)) is not None and old[:1] == b"d":
+                continue
+            self.db.put(k, v)
+        self.db.put(b"\0offset:%d" % partition, b"%d" % offset)
+
+    def read_upto(self, partition: int) -> int | None:
+        raw = self.db.get(b"\0offset:%d" % partition)
+        return int(raw) if raw is not None else None
 
     def started(self, key: str) -> bool:
         """Begun before and never finished: the process stopped in the middle of it."""
@@ -55,6 +90,8 @@ class DoneKeys:
         horizon = int((self.clock() - self.ttl_s) * 1000)
         old = []
         for k, v in self.db.items():
+            if not isinstance(k, bytes) or not isinstance(v, bytes) or k[:1] == b"\0":
+                continue
             stamp = v[2:] if len(v) > 2 and v[1:2] == b":" else b""
             if stamp.isdigit() and int(stamp) < horizon:
                 old.append(k)
@@ -66,17 +103,76 @@ class DoneKeys:
         self.db.close()
 
 
+def load_keys(conf: dict[str, Any], topic: str, partition: int, keys: DoneKeys, timeout: float = 60.0) -> int:
+    """Read a keys-topic partition from where `keys` last read it to its end, into `keys`."""
+    start = keys.read_upto(partition)
+    reader = Consumer(
+        {
+            **conf,
+            "group.id": f"{topic}-reader",
+            "enable.auto.commit": False,
+            "enable.partition.eof": True,
+            "log_level": 3,
+        }
+    )
+    n, deadline = 0, time.monotonic() + timeout
+    try:
+        reader.assign([TopicPartition(topic, partition, start + 1 if start is not None else OFFSET_BEGINNING)])
+        while time.monotonic() < deadline:
+            msgs = reader.consume(10_000, 0.5)
+            batch, last, ended = [], None, False
+            for m in msgs:
+                if m.error() is not None:
+                    if m.error().code() == KafkaError._PARTITION_EOF:
+                        ended = True
+                        continue
+                    raise NudgeflowError(f"cannot read {topic}[{partition}]: {m.error()}")
+                batch.append((m.key(), m.value()))
+                last = m.offset()
+            if batch and last is not None:
+                keys.merge(batch, partition, last)
+                n += len(batch)
+            if ended:
+                return n
+        raise NudgeflowError(f"no end of {topic}[{partition}] within {timeout:.0f}s")
+    finally:
+        reader.close()
+
+
 class BatchConsumer(ABC):
     batch_max = 500
 
     def __init__(
-        self, bootstrap: Target, topic: str, group: str, keys_dir: Path, session_timeout_ms: int, log: logging.Logger
+        self,
+        bootstrap: Target,
+        topic: str,
+        group: str,
+        keys_dir: Path,
+        session_timeout_ms: int,
+        log: logging.Logger,
+        keys_topic: str | None = None,
     ) -> None:
-        self.topic, self.log = topic, log
+        self.topic, self.log, self.keys_topic = topic, log, keys_topic
+        self.conf = client_conf(bootstrap)
         self.consumer = channel_consumer(bootstrap, group, session_timeout_ms)
         self.producer = feedback_producer(bootstrap)
-        self.keys = DoneKeys(keys_dir)
+        journal = None
+        if keys_topic is not None:
+
+            def journal(p: int, k: bytes, v: bytes) -> None:
+                self.producer.produce(keys_topic, v, k, p)
+
+        self.keys = DoneKeys(keys_dir, journal=journal)
         self._stop = False
+
+    def _assigned(self, consumer: Any, partitions: list[Any]) -> None:
+        """Before consuming a partition: what replicas before this one started and finished there."""
+        if self.keys_topic is None or not partitions:
+            return
+        for tp in partitions:
+            n = load_keys(self.conf, self.keys_topic, tp.partition, self.keys)
+            if n:
+                self.log.info("partition %d: %d key record(s) read from %s", tp.partition, n, self.keys_topic)
 
     def stop(self) -> None:
         """Stop after the current batch (signal handlers call this)."""
@@ -90,7 +186,7 @@ class BatchConsumer(ABC):
         """Release what the subclass holds (providers, clients)."""
 
     async def run(self, idle_exit_s: float | None = None) -> None:
-        self.consumer.subscribe([self.topic])
+        self.consumer.subscribe([self.topic], on_assign=self._assigned)
         loop = asyncio.get_running_loop()
         idle = 0.0
         purged_at = 0.0

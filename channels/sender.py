@@ -55,7 +55,15 @@ class Sender(BatchConsumer):
         clock: Callable[[], float] = time.time,
     ) -> None:
         topic = topics.channel(channel)
-        super().__init__(bootstrap, topic, group, state_dir / f"sender-{channel}", session_timeout_ms, log)
+        super().__init__(
+            bootstrap,
+            topic,
+            group,
+            state_dir / f"sender-{channel}",
+            session_timeout_ms,
+            log,
+            keys_topic=topics.keys(f"send.{channel}"),
+        )
         self.channel, self.provider, self.topics = channel, provider, topics
         self.max_attempts, self.retry_max_s, self.signer = max_attempts, retry_max_s, signer
         self.delivered = self.duplicates = self.unreachable = self.invalid = self.dead = self.retries = 0
@@ -65,63 +73,77 @@ class Sender(BatchConsumer):
         self.clock = clock
 
     async def handle(self, msgs: list[Any]) -> None:
+        ready: list[tuple[Any, SendRequest]] = []
+        seen: set[str] = set()  # a key twice in one batch: the second is a duplicate too
         for m in msgs:
-            if not self.signer.valid("send", m.key(), m.value(), m.headers()):
-                self.forged += 1
-                metrics.FORGED.labels(self.topic).inc()
-                log.warning("a send request without a valid signature at offset %s is dead-lettered", m.offset())
-                self._dead(m, "bad_signature", "no valid signature (NUDGEFLOW_TOPIC_SECRET)")
-                continue
-            try:
-                req = wire.decode_send_request(m.value())
-            except wire.WireError as e:
-                self.invalid += 1
-                log.warning("a malformed send request at offset %s goes to the dead-letter topic", m.offset())
-                self._dead(m, "malformed", str(e))
-                continue
-            if req.key in self.keys:
-                self.duplicates += 1
-                self._count("duplicate")
-                continue
-            if req.expires_at is not None and self.clock() * 1000 > req.expires_at:
-                self.expired += 1  # a cart push two days late does more harm than none
-                self._count("expired")
-                self.keys.add(req.key)
-                continue
-            if self.keys.started(req.key) and not self.provider.idempotent:
-                # a crash between handing it to the provider and recording it: it may have gone out;
-                # a provider without idempotency keys would send it twice, so it is set aside
-                self.dead += 1
-                self._count("dead_lettered")
-                log.warning("send %s was interrupted by a restart: dead-lettered, not repeated", req.key[:12])
-                self._dead(m, "interrupted", "the sender stopped while delivering it; the provider may have it")
-                self.keys.add(req.key)
-                continue
-            self.keys.begin(req.key)
-            try:
-                await self._deliver(req)
-                self.delivered += 1
-                self._count("delivered")
-                self._produce(self.topics.feedback, wire.encode_feedback(self._feedback(req, "delivered"), self.signer))
-            except Unreachable as e:
-                self.unreachable += 1
-                self._count("unreachable")
-                log.info("user %s unreachable on %s (%s)", req.user_id, self.channel, e.reason)
+            req = self._admit(m, seen)
+            if req is not None:
+                ready.append((m, req))
+                seen.add(req.key)
+        for m, req in ready:
+            self.keys.begin(req.key, m.partition())
+        if ready and self.keys.journal is not None:
+            self.producer.flush(30)  # the started marks are durable before anything is handed over
+        for m, req in ready:
+            await self._one(m, req)
+            self.keys.add(req.key, m.partition())
+
+    def _admit(self, m: Any, seen: set[str]) -> SendRequest | None:
+        """The request to deliver, or None when it is forged, malformed, done, expired or interrupted."""
+        if not self.signer.valid("send", m.key(), m.value(), m.headers()):
+            self.forged += 1
+            metrics.FORGED.labels(self.topic).inc()
+            log.warning("a send request without a valid signature at offset %s is dead-lettered", m.offset())
+            self._dead(m, "bad_signature", "no valid signature (NUDGEFLOW_TOPIC_SECRET)")
+            return None
+        try:
+            req = wire.decode_send_request(m.value())
+        except wire.WireError as e:
+            self.invalid += 1
+            log.warning("a malformed send request at offset %s goes to the dead-letter topic", m.offset())
+            self._dead(m, "malformed", str(e))
+            return None
+        if req.key in self.keys or req.key in seen:
+            self.duplicates += 1
+            self._count("duplicate")
+            return None
+        if req.expires_at is not None and self.clock() * 1000 > req.expires_at:
+            self.expired += 1  # a cart push two days late does more harm than none
+            self._count("expired")
+            self.keys.add(req.key, m.partition())
+            return None
+        if self.keys.started(req.key) and not self.provider.idempotent:
+            # a crash between handing it to the provider and recording it: it may have gone out;
+            # a provider without idempotency keys would send it twice, so it is set aside
+            self.dead += 1
+            self._count("dead_lettered")
+            log.warning("send %s was interrupted by a restart: dead-lettered, not repeated", req.key[:12])
+            self._dead(m, "interrupted", "the sender stopped while delivering it; the provider may have it")
+            self.keys.add(req.key, m.partition())
+            return None
+        return req
+
+    async def _one(self, m: Any, req: SendRequest) -> None:
+        try:
+            await self._deliver(req)
+            self.delivered += 1
+            self._count("delivered")
+            self._produce(self.topics.feedback, wire.encode_feedback(self._feedback(req, "delivered"), self.signer))
+        except Unreachable as e:
+            self.unreachable += 1
+            self._count("unreachable")
+            log.info("user %s unreachable on %s (%s)", req.user_id, self.channel, e.reason)
+            self._produce(self.topics.feedback, wire.encode_feedback(self._feedback(req, "unreachable"), self.signer))
+            if req.fallback:
                 self._produce(
-                    self.topics.feedback,
-                    wire.encode_feedback(self._feedback(req, "unreachable"), self.signer),
+                    self.topics.channel(req.fallback.channel), wire.encode_send_request(req.fallback, self.signer)
                 )
-                if req.fallback:
-                    self._produce(
-                        self.topics.channel(req.fallback.channel), wire.encode_send_request(req.fallback, self.signer)
-                    )
-            except (Permanent, Transient) as e:
-                self.dead += 1
-                self._count("dead_lettered")
-                log.warning("send %s for user %s dead-lettered: %s", req.key[:12], req.user_id, e.reason)
-                self._dead(m, "permanent" if isinstance(e, Permanent) else "retries_exhausted", e.reason)
-                self._produce(self.topics.feedback, wire.encode_feedback(self._feedback(req, "failed"), self.signer))
-            self.keys.add(req.key)
+        except (Permanent, Transient) as e:
+            self.dead += 1
+            self._count("dead_lettered")
+            log.warning("send %s for user %s dead-lettered: %s", req.key[:12], req.user_id, e.reason)
+            self._dead(m, "permanent" if isinstance(e, Permanent) else "retries_exhausted", e.reason)
+            self._produce(self.topics.feedback, wire.encode_feedback(self._feedback(req, "failed"), self.signer))
 
     async def _deliver(self, req: SendRequest) -> None:
         async for attempt in AsyncRetrying(

@@ -33,7 +33,11 @@ def all_topics(topics: Topics) -> list[str]:
         topics.profile_changes,
         *topics.channels,
         topics.send_dead_letter,
+        *topics.key_topics,
     ]
+
+
+KEYS_CONFIG = {"cleanup.policy": "compact,delete"}  # latest state per key, gone after the retention
 
 
 def start_metrics(host: str, port: int) -> int:
@@ -89,6 +93,14 @@ def run_worker(settings: Settings) -> None:
         topics = settings.topics()
         kafka = settings.kafka_conf()
         if settings.create_topics:
+            ensure_topics(
+                kafka,
+                topics.key_topics,
+                settings.partitions,
+                settings.retention_ms,
+                config=KEYS_CONFIG,
+                replication=settings.replication_factor,
+            )
             ensure_topics(
                 kafka,
                 all_topics(topics),

@@ -74,6 +74,16 @@ class Topics:
         """Send requests a sender could not deliver (after its retries, or refused for good)."""
         return self.name("nudgeflow.send.dead_letter")
 
+    def keys(self, of: str) -> str:
+        """Started and finished idempotency keys of a sender (`send.<channel>`) or of the call
+        runner (`calls`), partitioned like the topic it consumes, compacted: a replica that takes
+        a partition over knows what was delivered or answered (channels/consumer.py)."""
+        return self.name(f"nudgeflow.keys.{of}")
+
+    @property
+    def key_topics(self) -> list[str]:
+        return [*(self.keys(f"send.{c}") for c in CHANNELS), self.keys("calls")]
+
     @property
     def channels(self) -> list[str]:
         return [self.channel(c) for c in CHANNELS]

@@ -14,6 +14,10 @@ create() { topics --create --if-not-exists --topic "$PREFIX$1" \
 for t in page_viewed add_to_cart charged custom_events user_profiles nudgeflow.ticks nudgeflow.feedback; do create "$t"; done
 for c in email sms push webpush whatsapp inapp webhook; do create "nudgeflow.send.$c"; done
 for t in nudgeflow.dead_letter nudgeflow.calls nudgeflow.profile_changes nudgeflow.send.dead_letter; do create "$t"; done
+# started and finished idempotency keys of the senders and the call runner: compacted, expiring
+for t in send.email send.sms send.push send.webpush send.whatsapp send.inapp send.webhook calls; do
+  create "nudgeflow.keys.$t" --config cleanup.policy=compact,delete
+done
 # partition owners (generations that fence a worker writing after it lost a partition): compacted
 topics --create --if-not-exists --topic "${APP_ID}-owners" --partitions 1 \
   --replication-factor "$REPLICATION" --config cleanup.policy=compact --config retention.ms=-1

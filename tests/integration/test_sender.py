@@ -36,7 +36,9 @@ def request(key: str, user: str, title: str) -> dict[str, object]:
     }
 
 
-def start_sender(broker: EmbeddedBroker, topics: Topics, data: Path, out: Path) -> subprocess.Popen[bytes]:
+def start_sender(
+    broker: EmbeddedBroker, topics: Topics, data: Path, out: Path, group: str | None = None
+) -> subprocess.Popen[bytes]:
     env = {
         "NUDGEFLOW_BROKER": f"kafka://{broker.bootstrap}",
         "NUDGEFLOW_TOPIC_PREFIX": topics.prefix,
@@ -45,7 +47,7 @@ def start_sender(broker: EmbeddedBroker, topics: Topics, data: Path, out: Path) 
         "PATH": "/usr/bin:/bin",
     }
     return subprocess.Popen(
-        [sys.executable, "-m", "nudgeflow.cli", "send", "--channel", "push"],
+        [sys.executable, "-m", "nudgeflow.cli", "send", "--channel", "push", *(["--group", group] if group else [])],
         env=env,
         stdout=open(out, "ab"),
         stderr=subprocess.STDOUT,
@@ -80,3 +82,37 @@ def test_sender_delivers_each_key_once(broker: EmbeddedBroker, tmp_path: Path) -
     finally:
         sender.terminate()
         sender.wait(20)
+
+
+def test_a_replica_that_takes_a_partition_over_knows_what_was_delivered_and_started(
+    broker: EmbeddedBroker, tmp_path: Path
+) -> None:
+    """Sender A delivers; sender B, with an empty data dir and a group that starts over (a replica
+    that took the partitions without A's offsets or RocksDB), reads the keys topic first: it
+    delivers nothing twice, delivers what is new, and sets aside what A started and never finished."""
+    topics = Topics(f"r{uuid.uuid4().hex[:8]}.")
+    ensure_topics(broker.bootstrap, all_topics(topics), PARTITIONS, 86_400_000)
+    client, out_a, out_b = Client(broker, topics), tmp_path / "a.out", tmp_path / "b.out"
+    for key in ("k1", "k2", "k3"):
+        client.produce("nudgeflow.send.push", "u1", request(key, "u1", key))
+    a = start_sender(broker, topics, tmp_path / "data-a", out_a)
+    try:
+        assert wait_for(lambda: out_a.read_text().count("[push]") == 3, timeout=60)
+    finally:
+        a.terminate()
+        a.wait(20)
+    # k4 is new; k5 was handed over by a replica that then died (started, never finished)
+    p = next(m.partition() for m in client.read(topics.channel("push"), min_count=3))
+    client.producer.produce(topics.keys("send.push"), b"i:1", b"k5", p)
+    client.produce("nudgeflow.send.push", "u1", request("k4", "u1", "k4"))
+    client.produce("nudgeflow.send.push", "u1", request("k5", "u1", "k5"))
+    b = start_sender(broker, topics, tmp_path / "data-b", out_b, group="replica-b")
+    try:
+        dead = client.read(topics.send_dead_letter, min_count=1, timeout=60)
+        assert [(m.key(), dict(m.headers())["reason"]) for m in dead] == [(b"u1", b"interrupted")]
+        assert wait_for(lambda: "k4" in out_b.read_text(), timeout=60)
+        delivered = [x.split(":: ")[1] for x in out_b.read_text().splitlines() if x.startswith("[push]")]
+        assert delivered == ["k4"]
+    finally:
+        b.terminate()
+        b.wait(20)

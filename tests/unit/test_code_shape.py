@@ -72,7 +72,8 @@ def test_call_request_result_feedback_and_profile_change_formats() -> None:
 def test_providers_come_from_the_registry() -> None:
     assert "console" in PROVIDERS
     assert isinstance(make_provider("console", "push"), ConsoleProvider)
-    with pytest.raises(UnknownProvider, match="available: apns, console, fcm, smtp, twilio, webhook, webpush, whatsapp"):
+    every = "available: apns, console, fcm, smtp, twilio, webhook, webpush, whatsapp"
+    with pytest.raises(UnknownProvider, match=every):
         make_provider("no-such", "push")
 
 

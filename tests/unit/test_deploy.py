@@ -152,5 +152,8 @@ def test_create_topics_script_creates_every_topic_the_worker_uses() -> None:
     loops = re.findall(r"for \w+ in ([^;]+); do create \"(nudgeflow\.send\.)?\$\w+\"", script)
     created = {prefix + t for words, prefix in loops for t in words.split()}
     created |= set(re.findall(r'--topic "\$\{PREFIX\}([\w.]+)"', script))
+    keys = re.search(r"for t in ([^;]+); do\n  create \"nudgeflow\.keys\.\$t\"", script)
+    assert keys is not None
+    created |= {f"nudgeflow.keys.{t}" for t in keys.group(1).split()}
     assert set(all_topics(Topics())) | {Topics().journey_registry} <= created, set(all_topics(Topics())) - created
     assert "journey-state-changelog" in script and "cleanup.policy=compact" in script and "-owners" in script
