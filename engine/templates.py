@@ -2,8 +2,9 @@
 
 Context names: `trigger` (the entry event's properties), `event` (the current event's, or the
 trigger's when a timer moved the user on), `profile`, `vars` (saved API responses), `user`
-(`user.id`), `journey` (`journey.id`, `journey.name`). A missing value renders as empty text;
-`{{ trigger.product | default("your item") }}` gives a fallback.
+(`user.id`), `journey` (`journey.id`, `journey.name`). Printing a value the user's data lacks is an
+error (the message is not sent, and counted); `{{ trigger.product | default("your item") }}` gives
+a fallback, and `{% if profile.vip %}` is simply false.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import datetime as dt
 from collections.abc import Mapping
 from typing import Any
 
-from jinja2 import TemplateSyntaxError, meta, nodes
+from jinja2 import TemplateSyntaxError, Undefined, meta, nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from markupsafe import escape
 
@@ -30,8 +31,19 @@ class _Env(ImmutableSandboxedEnvironment):
 
 
 ROOTS = frozenset({"trigger", "event", "profile", "vars", "user", "journey", "now"})
-_TEXT = _Env(autoescape=False)
-_HTML = _Env(autoescape=True)  # event data must not inject markup
+class _Missing(Undefined):
+    """A value the user's data lacks. Printing it is an error, so the message is not sent ("Hi ,
+    your order" never reaches a customer); testing it is not: `{% if profile.vip %}` is false and
+    `{{ profile.first_name | default("there") }}` gives the fallback."""
+
+    __slots__ = ()
+
+    def __str__(self) -> str:
+        self._fail_with_undefined_error()
+
+
+_TEXT = _Env(autoescape=False, undefined=_Missing)
+_HTML = _Env(autoescape=True, undefined=_Missing)  # event data must not inject markup
 
 
 def add_duration(value: Any, duration: str) -> str:

@@ -241,14 +241,18 @@ name: J
 entry: {event: go}
 steps:
   broken: {send: push, title: "{{ trigger.items[5].name }}", next: long}
-  long: {send: push, title: "{{ trigger.blob }}{{ trigger.blob }}", next: fine}
-  fine: {send: push, title: "hello"}
+  long: {send: push, title: "{{ trigger.blob }}{{ trigger.blob }}", next: missing}
+  missing: {send: push, title: "Hi {{ profile.first_name }}, your order", next: divide}
+  divide: {send: push, title: "{{ trigger.price / trigger.qty }} each", next: fine}
+  fine: {send: push, title: "Hi {{ profile.first_name | default('there') }}{% if profile.vip %}, VIP{% endif %}"}
 """
     )
-    fx = process(new_state(), Event("u1", "go", T0, {"items": 3, "blob": "z" * 40_000}, "e1"), T0, js).effects
+    trigger = {"items": 3, "blob": "z" * 40_000, "price": 10, "qty": 0}
+    fx = process(new_state(), Event("u1", "go", T0, trigger, "e1"), T0, js).effects
     sends = [f for f in fx if isinstance(f, SendRequest)]
-    assert [s.step for s in sends] == ["fine"]
-    assert sorted(f.detail for f in fx if getattr(f, "kind", None) == "template_error") == ["broken", "long"]
+    assert [(s.step, s.content["title"]) for s in sends] == [("fine", "Hi there")]
+    errors = sorted(f.detail for f in fx if getattr(f, "kind", None) == "template_error")
+    assert errors == ["broken", "divide", "long", "missing"]
 
 
 # --- the call runner does not repeat a call across restarts ---------------------------------------
