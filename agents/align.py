@@ -103,6 +103,13 @@ class Aligner:
         for (topic, p), offset in last.items():
             self.note_read(topic, p, offset, now)
 
+    def note_times(self, newest: dict[tuple[str, int], int]) -> None:
+        """Event times read but not held (events no journey uses): how far those topics have got."""
+        for key, at in newest.items():
+            pr = self.progress.get(key)
+            if pr is not None and at > pr.newest:
+                pr.newest = at
+
     def note_end(self, topic: str, partition: int, offset: int) -> None:
         """The fetch reached the partition's end (EOF at `offset`)."""
         pr = self.progress.get((topic, partition))

@@ -241,6 +241,7 @@ class BatchOutput:
     sends: dict[str, int] = field(default_factory=dict)  # channel -> n
     sent_by: dict[tuple[str, str, str], int] = field(default_factory=dict)  # (channel, journey, step) -> n
     sent_at: list[int] = field(default_factory=list)  # created_at of each send request (latency)
+    dropped_upto: dict[tuple[str, int], int] = field(default_factory=dict)  # newest event time of unused events
     quarantined: list[tuple[str, str]] = field(default_factory=list)  # (user, error type) set aside now
     released: int = 0
     parked: int = 0
@@ -361,7 +362,13 @@ class BatchCore:
             consumed[topic] = consumed.get(topic, 0) + 1
             read[topic, p] = offset
             inp, at = self._decode(m, topic, now_ms, out)
-            if inp is None or (isinstance(inp, Event) and inp.name not in watched):
+            if inp is None:
+                continue
+            if isinstance(inp, Event) and inp.name not in watched:
+                # not applied, but how far the topic has got in event time still counts: the
+                # aligner must not wait for a busy topic whose events no journey uses
+                if at > out.dropped_upto.get((topic, p), -1):
+                    out.dropped_upto[topic, p] = at
                 continue
             items.append(Item(topic, p, offset, inp, at, m))
         return items

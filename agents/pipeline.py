@@ -264,6 +264,7 @@ class Pipeline(Service):
         out = BatchOutput()
         items = self.core.decode(msgs, out)
         self.aligner.note_reads(out.read)
+        self.aligner.note_times(out.dropped_upto)
         for topic, p, offset in reader.ends():
             self.aligner.note_end(topic, p, offset)
         ready: list[Item] = []

@@ -1,4 +1,5 @@
-"""`make demo` stopped with Ctrl-C: the terminal's SIGINT reaches the demo's process group only
+"""`make demo` shows sends (a busy topic of events no journey uses must not hold the others back),
+and stopped with Ctrl-C: the terminal's SIGINT reaches the demo's process group only
 (the broker, worker and sender run in their own), and the demo stops its parts in reverse order:
 it exits promptly, says so, and prints no traceback and no storm of connection errors."""
 
@@ -31,6 +32,8 @@ def test_ctrl_c_stops_the_demo_cleanly(tmp_path: Path) -> None:
     try:
         consumed = re.compile(rb"demo status: produced=\d+ consumed=[1-9]")
         assert wait_for(lambda: consumed.search(out.read_bytes()) is not None, timeout=120), out.read_text()
+        # sends visible: the 15-second wait of the demo journey fired while page views kept flowing
+        assert wait_for(lambda: b"[push] user=" in out.read_bytes(), timeout=120), out.read_text()[-3000:]
         t0 = time.monotonic()
         os.killpg(demo.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
         code = demo.wait(60)

@@ -149,3 +149,28 @@ def test_a_fetch_that_reads_a_topic_to_its_end_starts_its_quiet_time_afresh() ->
     assert a.release() == []  # charged was read just now: not quiet yet
     clock.now += 0.6
     assert names(a.release()) == ["a300"]
+
+
+def test_a_busy_topic_whose_events_no_journey_uses_does_not_hold_the_others() -> None:
+    """page_viewed flows all the time and is dropped before the aligner (no journey uses it): its
+    event times, noted as read, let add_to_cart through without waiting for it to be quiet."""
+    from nudgeflow.agents.batch import BatchCore, BatchOutput
+    from nudgeflow.streams.events import Decoder
+    from nudgeflow.streams.topics import Topics
+    from tests.unit.journeys import T0, seeds
+    from tests.unit.test_batch import cart, msg
+
+    core = BatchCore(seeds("clevertap-cart-inaction.yaml"), Topics(), Decoder(), clock=lambda: T0 / 1000 + 60)
+    now = [1000.0]
+    al = Aligner(Topics().user_inputs, idle_ms=500, clock=lambda: now[0])
+    al.track([0], Topics().user_inputs)
+    out = BatchOutput()
+    fetch = [msg("page_viewed", 0, {"user_id": "u", "ts": T0 + 5}), cart("u", 0, ts=T0)]
+    for item in core.decode(fetch, out):
+        al.add(item)
+    al.note_reads(out.read)
+    al.note_times(out.dropped_upto)
+    for t in ("charged", "custom_events", "user_profiles"):  # the others: read to their (empty) end
+        al.note_end(t, 0, 0)
+    now[0] += 1  # the empty ones are quiet now; page_viewed was just read (it never is quiet)
+    assert [i.topic for i in al.release()] == ["add_to_cart"]
