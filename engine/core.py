@@ -239,6 +239,8 @@ class _Run:
             self.try_enter(j, t, dict(inp.props), None)
         elif j is not None:
             self.count("skipped", j.id, "not_enrollable")
+        else:  # counted, not dropped silently (the journey label stays bounded: empty)
+            self.count("skipped", "", "unknown_journey")
 
     def on_feedback(self, inp: Feedback) -> None:
         profile, status = self.st["profile"], inp.status

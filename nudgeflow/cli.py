@@ -194,16 +194,30 @@ def enroll(
     users: Annotated[Path, typer.Option(help="CSV with a user_id column; other columns become properties")],
     broker: Broker = None,
     topic_prefix: Annotated[str | None, typer.Option()] = None,
+    journeys: JourneyPaths = None,
 ) -> None:
-    """Enter a one-off list of users (CSV upload) into a journey."""
-    from nudgeflow.enroll import produce_enrollments
+    """Enter a one-off list of users (CSV upload) into a journey. The journey must exist (in the
+    journey files the workers run) with `entry: {enrolled: true}`, and the whole file is checked
+    before anything is produced."""
+    from nudgeflow.engine.loader import load_journeys
+    from nudgeflow.enroll import enroll_events, produce_user_events
     from nudgeflow.streams.topics import CUSTOM_TOPIC
 
-    s = remote_settings("enroll", broker=broker, topic_prefix=topic_prefix)
+    s = remote_settings("enroll", broker=broker, topic_prefix=topic_prefix, journeys=journeys)
 
     def go() -> None:
-        topic = s.topics().name(CUSTOM_TOPIC)
-        typer.echo(f"enrolled {produce_enrollments(s.kafka_conf(), topic, users, journey)} user(s) into {journey}")
+        js = load_journeys(s.journeys)
+        j = js.journeys.get(journey)
+        if j is None:
+            raise ConfigError(
+                f"no journey '{journey}' in {', '.join(map(str, s.journeys))}; known: {', '.join(sorted(js.journeys))}"
+            )
+        if not j.entry.enrolled:
+            raise ConfigError(f"journey '{journey}' does not take enrolments (it needs entry: {{enrolled: true}})")
+        events = list(enroll_events(users, journey))  # every line checked before the first is produced
+        with typer.progressbar(length=len(events), label="enrolling", file=sys.stderr) as bar:
+            n = produce_user_events(s.kafka_conf(), s.topics().name(CUSTOM_TOPIC), events, progress=bar.update)
+        typer.echo(f"enrolled {n} user(s) into {journey}")
 
     _guard(go)
 

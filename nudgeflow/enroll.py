@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import csv
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +59,12 @@ def release_events(users: Iterable[str], ts: int) -> Iterator[tuple[str, dict[st
         yield user, {"user_id": user, "event": RELEASE_EVENT, "ts": ts}
 
 
-def produce_user_events(bootstrap: Target, topic: str, events: Iterable[tuple[str, dict[str, Any]]]) -> int:
+def produce_user_events(
+    bootstrap: Target,
+    topic: str,
+    events: Iterable[tuple[str, dict[str, Any]]],
+    progress: Callable[[int], None] | None = None,
+) -> int:
     """Produce (user, event) pairs keyed by user, with the input topics' partitioner."""
     from confluent_kafka import Producer
 
@@ -78,6 +83,8 @@ def produce_user_events(bootstrap: Target, topic: str, events: Iterable[tuple[st
             except BufferError:
                 producer.poll(0.1)
         n += 1
+        if progress is not None and n % 1000 == 0:
+            progress(1000)
     if producer.flush(60):
         raise NudgeflowError("some events were not delivered within 60 s")
     return n

@@ -99,8 +99,16 @@ def summary(sim: Simulator) -> list[dict[str, Any]]:
                 j[fx.kind] += 1
             elif fx.kind in ("exited", "skipped", "sent"):
                 j[fx.kind][fx.detail] += 1
+
+    def in_journey_order(item: tuple[tuple[str, str], Counter[str]]) -> tuple[str, int, str]:
+        (jid, step), _ = item
+        j = sim.journeys.journeys.get(jid)
+        order = list(j.steps) if j else []
+        return jid, order.index(step) if step in order else len(order), step
+
     out: list[dict[str, Any]] = [
-        {"type": "step", "journey": j, "step": s, **dict(c)} for (j, s), c in sorted(steps.items())
+        {"type": "step", "journey": j, "step": s, **dict(c)}
+        for (j, s), c in sorted(steps.items(), key=in_journey_order)
     ]
     out += [
         {"type": "journey", "journey": j, **{k: dict(v) if isinstance(v, Counter) else v for k, v in d.items()}}

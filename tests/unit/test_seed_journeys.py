@@ -179,3 +179,14 @@ def test_rfm_recommendation_call_timeout_ends_without_a_message() -> None:
     s.run_until(T0 + H)
     assert s.sends == [] and exits(s) == ["completed"]
     assert [c.detail for c in s.counts("step")] == ["recommend_loans:timed_out"]
+
+
+def test_simulate_lists_steps_in_journey_order() -> None:
+    from nudgeflow.engine.io import Event
+    from nudgeflow.simulate import simulate, summary
+
+    js = seeds("betaout-cart-recovery.yaml")
+    sim = simulate(js, [Event("u", "add_to_cart", T0, {"product": "p"})], until=T0 + 30 * D)
+    steps = [r["step"] for r in summary(sim) if r["type"] == "step"]
+    assert steps == sorted(steps, key=list(next(iter(js.journeys.values())).steps).index)
+    assert steps.index("day_3") < steps.index("day_10")
