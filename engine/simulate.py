@@ -8,12 +8,15 @@ effects with the time they happened, so tests can assert exact sends, times and 
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable
+from collections import Counter as Tally
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from nudgeflow.engine.core import next_wake, process
 from nudgeflow.engine.graph import JourneySet
 from nudgeflow.engine.io import (
+    CallRequest,
+    CallResult,
     Count,
     Effect,
     Enroll,
@@ -39,6 +42,10 @@ class Simulator:
     states: dict[str, UserState] = field(default_factory=dict)
     log: list[tuple[int, Effect]] = field(default_factory=list)
     clock: int = 0
+    # answers to `call` steps (simulate --calls); None: the call is not made and the step times
+    # out, which `unanswered` counts per (journey, step) so reports can say so
+    answer: Callable[[CallRequest], CallResult | None] | None = None
+    unanswered: Tally[tuple[str, str]] = field(default_factory=Tally)
     _timers: list[tuple[int, str]] = field(default_factory=list)
 
     def feed(self, inp: Input, at: int | None = None) -> list[Effect]:
@@ -64,11 +71,21 @@ class Simulator:
         res = process(self.states.get(inp.user_id), inp, t, self.journeys)
         if res.changed:
             self.states[inp.user_id] = res.state
+        answers = []
         for fx in res.effects:
             self.log.append((t, fx))
             if isinstance(fx, TimerSet):
                 heapq.heappush(self._timers, (fx.due, fx.user_id))
-        return res.effects
+            elif isinstance(fx, CallRequest):
+                result = self.answer(fx) if self.answer is not None else None
+                if result is None:
+                    self.unanswered[(fx.journey, fx.step)] += 1
+                else:
+                    answers.append(result)
+        effects = list(res.effects)
+        for result in answers:  # answered at once, at the same time
+            effects += self._apply(result, t)
+        return effects
 
     # --- views for tests and reports ------------------------------------------------------
 

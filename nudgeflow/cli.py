@@ -273,6 +273,9 @@ def simulate(
     profiles: Annotated[Path | None, typer.Option(help="JSON lines: user_id, attributes, optional ts")] = None,
     until: Annotated[str | None, typer.Option(help="run timers up to this time (ISO-8601 or epoch ms)")] = None,
     out: Annotated[Path | None, typer.Option(help="write sends.jsonl and summary.jsonl here (default: stdout)")] = None,
+    calls: Annotated[
+        Path | None, typer.Option(help="answers for call steps: JSON lines {url: regex, body: {...} | error: why}")
+    ] = None,
 ) -> None:
     """Dry run: journeys over an events file on a virtual clock; sends and a per-step summary."""
     from nudgeflow import simulate as sim_cmd
@@ -287,7 +290,8 @@ def simulate(
 
     def go() -> None:
         inputs, bad = sim_cmd.read_inputs(events, profiles, sys.stderr)
-        sim_cmd.write(sim_cmd.simulate(js, inputs, until_ms), out, bad)
+        answer = sim_cmd.canned_answers(calls) if calls else None
+        sim_cmd.write(sim_cmd.simulate(js, inputs, until_ms, answer), out, bad)
 
     _guard(go)
 

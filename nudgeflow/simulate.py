@@ -8,16 +8,18 @@ per-journey summary, as JSON lines (to --out DIR as sends.jsonl and summary.json
 
 from __future__ import annotations
 
+import re
 import sys
 from collections import Counter, defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
 import orjson
 
+from nudgeflow.engine.errors import NudgeflowError
 from nudgeflow.engine.graph import JourneySet
-from nudgeflow.engine.io import Count, Input, SendRequest
+from nudgeflow.engine.io import CallRequest, CallResult, Count, Input, SendRequest
 from nudgeflow.engine.simulate import Simulator, input_time
 from nudgeflow.streams.events import MIN_TS, Decoder, Invalid, Release
 from nudgeflow.streams.wire import send_request_doc
@@ -70,8 +72,40 @@ def _json(line: bytes) -> Any:
         return None
 
 
-def simulate(js: JourneySet, inputs: list[Input], until: int | None) -> Simulator:
-    sim = Simulator(js)
+def canned_answers(path: Path) -> Callable[[CallRequest], CallResult | None]:
+    """`--calls FILE`: JSON lines `{"url": "<regex>", "body": {...}}` (a success whose body is saved)
+    or `{"url": "<regex>", "error": "<why>"}` (a failure: the step's on_error); the first line whose
+    pattern is found in the call's URL answers it."""
+    rules = []
+    for n, line in _lines(path):
+        doc = _json(line)
+        if (
+            not isinstance(doc, dict)
+            or not isinstance(doc.get("url"), str)
+            or ("body" not in doc) == ("error" not in doc)
+        ):
+            raise NudgeflowError(f"{path}:{n}: needs url (a regular expression) and body or error")
+        try:
+            rules.append((re.compile(doc["url"]), "body" in doc, doc.get("body", {"error": doc.get("error")})))
+        except re.error as e:
+            raise NudgeflowError(f"{path}:{n}: url: {e}") from None
+
+    def answer(req: CallRequest) -> CallResult | None:
+        for pattern, ok, body in rules:
+            if pattern.search(req.url):
+                return CallResult(req.user_id, req.key, ok, body)
+        return None
+
+    return answer
+
+
+def simulate(
+    js: JourneySet,
+    inputs: list[Input],
+    until: int | None,
+    answer: Callable[[CallRequest], CallResult | None] | None = None,
+) -> Simulator:
+    sim = Simulator(js, answer=answer)
     sim.feed_all(inputs)  # stable: a profile line without ts (MIN_TS) comes before any event
     last = max((input_time(i) for i in inputs), default=0)
     sim.run_until(until if until is not None else last + DRAIN_HORIZON_MS)
@@ -120,6 +154,16 @@ def summary(sim: Simulator) -> list[dict[str, Any]]:
 def write(sim: Simulator, out_dir: Path | None, bad: int) -> None:
     sends = sorted(sim.sends, key=lambda s: (s.created_at, s.user_id, s.journey, s.step))
     rows = [*summary(sim), {"type": "input", "invalid_lines": bad, "users": len(sim.states)}]
+    if sim.unanswered:
+        steps = ", ".join(f"{j}/{s} ({n})" for (j, s), n in sorted(sim.unanswered.items()))
+        sys.stderr.write(
+            f"simulate: call steps not run (no --calls answer; they timed out as a worker's would "
+            f"without an answer): {steps}\n"
+        )
+        rows += [
+            {"type": "unanswered_calls", "journey": j, "step": s, "calls": n}
+            for (j, s), n in sorted(sim.unanswered.items())
+        ]
     if out_dir:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "sends.jsonl").write_bytes(b"".join(orjson.dumps(send_request_doc(s)) + b"\n" for s in sends))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from nudgeflow.engine.io import CallRequest, CallResult, Event, ProfileUpdate
 from nudgeflow.engine.simulate import Simulator
 from tests.unit.journeys import T0, D, H, M, seeds
@@ -190,3 +192,24 @@ def test_simulate_lists_steps_in_journey_order() -> None:
     steps = [r["step"] for r in summary(sim) if r["type"] == "step"]
     assert steps == sorted(steps, key=list(next(iter(js.journeys.values())).steps).index)
     assert steps.index("day_3") < steps.index("day_10")
+
+
+def test_simulate_answers_call_steps_from_a_file_and_reports_those_it_could_not_run(tmp_path: Path) -> None:
+    from nudgeflow.engine.io import Event, ProfileUpdate
+    from nudgeflow.simulate import canned_answers, simulate
+
+    js = seeds("segments.yaml", "webengage-rfm-one-time-buyers.yaml")
+    inputs = [
+        ProfileUpdate("priya", T0 - 40 * D, {"first_name": "Priya", "email": "p@example.com"}),
+        Event("priya", "page_viewed", T0 - 30 * D, {"page_category": "Insurance"}),
+        Event("priya", "charged", T0, {"amount": 1200}),
+    ]
+    calls = tmp_path / "calls.jsonl"
+    calls.write_text('{"url": "category=Insurance", "body": {"items": [{"name": "Term Life", "url": "u"}]}}\n')
+    sim = simulate(js, inputs, T0 + D, canned_answers(calls))
+    (send,) = sim.sends
+    assert send.channel == "email" and "Term Life" in send.content["subject"] and not sim.unanswered
+    without = simulate(js, inputs, T0 + D)
+    assert without.sends == [] and dict(without.unanswered) == {
+        ("webengage-rfm-one-time-buyers", "recommend_insurance"): 1
+    }
