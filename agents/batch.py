@@ -486,7 +486,7 @@ class BatchCore:
             if inp.__class__ is Event and not safe and "quarantine" not in rec:  # the hot path
                 sink.cancels = True
                 try:
-                    apply_engine(rec["state"], inp, item.at, journeys, sink)
+                    apply_engine(rec["state"], inp, item.at, journeys, sink, now_ms)
                 except Exception as e:
                     raise _Redo from e
                 offsets[topic] = offset
@@ -548,13 +548,13 @@ class BatchCore:
         sink.cancels = not isinstance(inp, Tick)
         if not safe:
             try:
-                core.apply(rec["state"], inp, at, self.journeys, sink)
+                core.apply(rec["state"], inp, at, self.journeys, sink, now_ms)
             except Exception as e:
                 raise _Redo from e
             return
         state, effects = clone(rec["state"]), core.EffectList()
         try:
-            core.apply(state, inp, at, self.journeys, effects)
+            core.apply(state, inp, at, self.journeys, effects, now_ms)
         except Exception as e:  # a bug or an edit the engine cannot follow: never the whole batch
             rec["quarantine"] = {
                 "since": now_ms,

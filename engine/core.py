@@ -78,10 +78,13 @@ def process(state: UserState | None, inp: Input, now: int, js: g.JourneySet) -> 
     return Result(st, effects.effects)
 
 
-def apply(st: UserState, inp: Input, now: int, js: g.JourneySet, sink: Sink) -> None:
+def apply(st: UserState, inp: Input, now: int, js: g.JourneySet, sink: Sink, wall: int | None = None) -> None:
     """`process` in place: change `st` and report effects to `sink` (the worker's batch core owns
-    its states for the length of a batch, so it saves the copy)."""
+    its states for the length of a batch, so it saves the copy). `wall`: the processing time, when
+    it runs ahead of the journey time (a worker catching up): a call's answer comes in processing
+    time, so the call's timeout counts from there."""
     run = _Run(st, inp.user_id, js, sink)
+    run.wall = wall
     run.apply(inp, now)
     run.finish(now)
 
@@ -115,7 +118,7 @@ class _Run:
     that mypy checks for exhaustiveness, so a new kind cannot be forgotten silently.
     """
 
-    __slots__ = ("count", "event_props", "js", "old_wake", "seg_before", "seg_tracking", "sink", "st", "user")
+    __slots__ = ("count", "event_props", "js", "old_wake", "seg_before", "seg_tracking", "sink", "st", "user", "wall")
 
     def __init__(self, st: UserState, user: str, js: g.JourneySet, sink: Sink) -> None:
         self.old_wake = next_wake(st)
@@ -126,6 +129,7 @@ class _Run:
         # lazily, at the first such change): None while nothing that segments read has changed
         self.seg_before: dict[str, bool] | None = None
         self.seg_tracking = False  # on while an event or a profile update is applied
+        self.wall: int | None = None  # processing time (the worker), or None (simulate: virtual)
 
     # --- inputs ---------------------------------------------------------------------------
 
@@ -680,7 +684,7 @@ class _Run:
             self.count("step", j.id, f"{node.id}:error")
             return node.on_error
         inst["call"] = key
-        inst["wake"] = t + node.timeout
+        inst["wake"] = max(t, self.wall or t) + node.timeout  # the answer arrives in processing time
         self.sink.emit(req)
         return None
 

@@ -13,10 +13,10 @@ from nudgeflow.engine import core
 _real = core.apply
 
 
-def _faulty(state: Any, inp: Any, now: int, js: Any, sink: Any) -> None:
+def _faulty(state: Any, inp: Any, now: int, js: Any, sink: Any, wall: int | None = None) -> None:
     if inp.user_id.startswith("boom"):
         raise RuntimeError("injected engine fault")
-    _real(state, inp, now, js, sink)
+    _real(state, inp, now, js, sink, wall)
 
 
 if __name__ == "__main__":

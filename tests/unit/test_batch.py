@@ -151,10 +151,10 @@ def test_an_exception_for_one_user_quarantines_that_user_only_and_release_applie
 ) -> None:
     real = engine_core.apply
 
-    def faulty(state, inp, now, js, sink):  # type: ignore[no-untyped-def]
+    def faulty(state, inp, now, js, sink, wall=None):  # type: ignore[no-untyped-def]
         if inp.user_id == "boom":
             raise RuntimeError("injected")
-        real(state, inp, now, js, sink)
+        real(state, inp, now, js, sink, wall)
 
     c, store = core(), MemStore()
     monkeypatch.setattr(engine_core, "apply", faulty)
@@ -192,10 +192,10 @@ def test_the_safe_re_run_reads_a_batch_that_is_computed_but_not_yet_written(monk
     first = c.run([cart("u1", 0)], store)  # computed, in flight: not in the store yet
     real = engine_core.apply
 
-    def faulty(state, inp, now, js, sink):  # type: ignore[no-untyped-def]
+    def faulty(state, inp, now, js, sink, wall=None):  # type: ignore[no-untyped-def]
         if inp.user_id == "boom":
             raise RuntimeError("injected")
-        real(state, inp, now, js, sink)
+        real(state, inp, now, js, sink, wall)
 
     monkeypatch.setattr(engine_core, "apply", faulty)
     out = c.run([cart("u1", 1, T0 + M, "Cap"), cart("boom", 2)], store)

@@ -213,3 +213,25 @@ def test_simulate_answers_call_steps_from_a_file_and_reports_those_it_could_not_
     assert without.sends == [] and dict(without.unanswered) == {
         ("webengage-rfm-one-time-buyers", "recommend_insurance"): 1
     }
+
+
+def test_a_call_made_while_catching_up_times_out_in_processing_time() -> None:
+    """A worker applying hours-old events makes the call now: the answer comes in processing time,
+    so the timeout counts from there and the answer is used (not timed out at once)."""
+    from nudgeflow.engine.core import EffectList, apply
+    from nudgeflow.engine.io import SendRequest
+    from nudgeflow.engine.state import new_state, next_wake
+
+    js = seeds("segments.yaml", "webengage-rfm-one-time-buyers.yaml")
+    st, wall = new_state(), T0 + 3 * H  # the events are three hours old
+    sink = EffectList()
+    for inp in (
+        ProfileUpdate("priya", T0 - 40 * D, {"first_name": "Priya"}),
+        Event("priya", "page_viewed", T0 - 30 * D, {"page_category": "Insurance"}),
+        Event("priya", "charged", T0, {"amount": 1200}),
+    ):
+        apply(st, inp, inp.ts, js, sink, wall)
+    (call,) = [f for f in sink.effects if isinstance(f, CallRequest)]
+    assert next_wake(st) == wall + 30_000  # not T0 + 30 s: that would be due at once
+    apply(st, CallResult("priya", call.key, True, {"items": [{"name": "Term Life", "url": "u"}]}), wall + 500, js, sink)
+    assert [s.channel for s in sink.effects if isinstance(s, SendRequest)] == ["email"]
