@@ -46,6 +46,11 @@ FEEDBACK = Counter(
     "What became of sent messages (delivered, failed, opened, clicked, bounced, unsubscribed, ...), per journey step",
     ["journey", "step", "status"],
 )
+EXPERIMENT = Counter(
+    "nudgeflow_experiment_users_total",
+    "Users per split arm (control included): entered the arm, and converted after it",
+    ["journey", "split", "arm", "outcome"],
+)
 CAPPED = Counter("nudgeflow_sends_capped_total", "Marketing sends skipped by a frequency cap", ["journey", "step"])
 REBALANCES = Counter("nudgeflow_rebalances_total", "Partition assignments this worker went through")
 ASSIGNED = Gauge("nudgeflow_assigned_partitions", "State partitions this worker owns now")
@@ -135,6 +140,9 @@ def count_many(counts: Mapping[tuple[CountKind, str, str], int]) -> None:
             case "feedback":
                 step, _, status = detail.partition(":")
                 FEEDBACK.labels(journey, step, status).inc(n)
+            case "experiment":
+                split, arm, what = detail.split(":", 2)
+                EXPERIMENT.labels(journey, split, arm, what).inc(n)
             case "capped":
                 CAPPED.labels(journey, detail).inc(n)
             case "template_error":

@@ -203,8 +203,10 @@ class _Run:
         for jid, done in list(st["attribution"].items()) if st["attribution"] else ():
             j = js.journeys.get(jid)
             if j and j.goal and j.goal.rule.event == ev.name and t <= done["until"] and j.goal.rule.where(ev.props):
-                del st["attribution"][jid]
+                done = st["attribution"].pop(jid)
                 self.count("converted", jid, "after_exit")
+                if "arm" in done:
+                    self.count("experiment", jid, f"{done['arm']}:converted")
         for j in js.by_trigger.get(name, ()):
             if j.entry.where(props):
                 self.try_enter(j, t, dict(props), ev.event_id)
@@ -414,8 +416,10 @@ class _Run:
             else:
                 self.exit(j, "exit_event", at)
         elif kind == 0 and j.id in st["attribution"] and at <= st["attribution"][j.id]["until"]:
-            del st["attribution"][j.id]
+            done = st["attribution"].pop(j.id)
             self.count("converted", j.id, "after_exit")
+            if "arm" in done:
+                self.count("experiment", j.id, f"{done['arm']}:converted")
 
     def convert(self, j: g.Journey, t: int) -> None:
         inst = self.st["instances"][j.id]
@@ -425,6 +429,8 @@ class _Run:
         if j.goal.within is None or t <= inst["entered"] + j.goal.within:
             inst["converted"] = True
             self.count("converted", j.id, "")
+            if "arm" in inst:
+                self.count("experiment", j.id, f"{inst['arm']}:converted")
 
     def exit(self, j: g.Journey, reason: str, t: int) -> None:
         inst = self.st["instances"].pop(j.id)
@@ -433,6 +439,8 @@ class _Run:
             until = inst["entered"] + j.goal.within
             if until >= t:
                 self.st["attribution"][j.id] = {"entry_no": inst["entry_no"], "until": until}
+                if "arm" in inst:
+                    self.st["attribution"][j.id]["arm"] = inst["arm"]
 
     def journey_of(self, jid: str, t: int) -> g.Journey | None:
         """The journey an instance runs, after applying edits; None if the instance had to leave."""
@@ -638,6 +646,9 @@ class _Run:
         digest = hashlib.sha1(seed, usedforsecurity=False).hexdigest()
         bucket = int(digest[:8], 16) % 100
         target = next(nxt for upper, nxt in node.arms if bucket < upper)
+        arm = f"{node.id}:{'control' if target == g.END else target}"
+        inst["arm"] = arm
+        self.count("experiment", j.id, f"{arm}:entered")
         if target == g.END:
             self.count("step", j.id, f"{node.id}:control")
         return target

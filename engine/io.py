@@ -131,6 +131,7 @@ CountKind = Literal[
     "template_error",
     "feedback",
     "capped",
+    "experiment",
 ]
 
 
@@ -138,7 +139,8 @@ CountKind = Literal[
 class Count:
     """An analytics count. `detail` by kind: skipped/exited -> reason; converted -> "" or
     "after_exit"; visit/unreachable/template_error/capped -> step id; step -> "<step>:<outcome>";
-    feedback -> "<step>:<status>"; sent -> channel."""
+    feedback -> "<step>:<status>"; experiment -> "<split step>:<arm>:entered|converted";
+    sent -> channel."""
 
     kind: CountKind
     journey: str

@@ -26,6 +26,7 @@ class Instance(TypedDict):
     vars: dict[str, Any]  # saved call answers ({{ vars.* }})
     converted: bool
     call: NotRequired[str]  # key of the call request the current step waits for
+    arm: NotRequired[str]  # "<split step>:<arm>" of the experiment this run took (experiment results)
 
 
 class Attribution(TypedDict):
@@ -33,6 +34,7 @@ class Attribution(TypedDict):
 
     entry_no: int
     until: int
+    arm: NotRequired[str]
 
 
 class EntryHistory(TypedDict):

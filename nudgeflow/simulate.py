@@ -8,6 +8,7 @@ per-journey summary, as JSON lines (to --out DIR as sends.jsonl and summary.json
 
 from __future__ import annotations
 
+import math
 import re
 import sys
 from collections import Counter, defaultdict
@@ -148,7 +149,34 @@ def summary(sim: Simulator) -> list[dict[str, Any]]:
         {"type": "journey", "journey": j, **{k: dict(v) if isinstance(v, Counter) else v for k, v in d.items()}}
         for j, d in sorted(journeys.items())
     ]
+    out += experiment_results(sim)
     return out
+
+
+def experiment_results(sim: Simulator) -> list[dict[str, Any]]:
+    """Per split arm: users who entered it, converted, the conversion rate, and the difference from
+    the control arm in percentage points with its 95 % confidence interval (normal approximation
+    of the difference of two proportions)."""
+    arms: dict[tuple[str, str, str], Counter[str]] = defaultdict(Counter)
+    for _, fx in sim.log:
+        if isinstance(fx, Count) and fx.kind == "experiment":
+            split, arm, what = fx.detail.split(":", 2)
+            arms[(fx.journey, split, arm)][what] += 1
+    rows = []
+    for (jid, split, arm), c in sorted(arms.items()):
+        n, k = c["entered"], c["converted"]
+        row: dict[str, Any] = {"type": "experiment", "journey": jid, "split": split, "arm": arm, "entered": n}
+        row.update(converted=k, rate=round(k / n, 4) if n else None)
+        ctrl = arms.get((jid, split, "control"))
+        if arm != "control" and ctrl and ctrl["entered"] and n:
+            p1, p0, n0 = k / n, ctrl["converted"] / ctrl["entered"], ctrl["entered"]
+            diff, se = p1 - p0, math.sqrt(p1 * (1 - p1) / n + p0 * (1 - p0) / n0)
+            row.update(
+                uplift_pp=round(100 * diff, 2),
+                ci95_pp=[round(100 * (diff - 1.96 * se), 2), round(100 * (diff + 1.96 * se), 2)],
+            )
+        rows.append(row)
+    return rows
 
 
 def write(sim: Simulator, out_dir: Path | None, bad: int) -> None:

@@ -144,3 +144,30 @@ def test_visit_counts_give_the_per_step_funnel() -> None:
     assert [c.detail for c in s.counts("visit")] == ["w", "w"]
     s.run_until(T0 + 20 * M)
     assert [c.detail for c in s.counts("visit")] == ["w", "w", "s", "s"]
+
+
+def test_experiment_results_per_arm_with_uplift_against_control() -> None:
+    from nudgeflow.simulate import experiment_results
+
+    j = js(
+        """  ab:
+    split:
+      - {percent: 50, next: a}
+      - {percent: 50, control: true}
+  a: {send: push, title: A}""",
+        extra="goal: {event: buy, within: 7d}",
+    )
+    s = Simulator(j)  # type: ignore[arg-type]
+    users = [f"u{i}" for i in range(2000)]
+    for u in users:
+        s.feed(Event(u, "go", T0))
+    # everyone in arm a buys when their index is even, the control arm never: a clear uplift
+    in_a = {r.user_id for r in s.sends}
+    for i, u in enumerate(users):
+        if u in in_a and i % 2 == 0:
+            s.feed(Event(u, "buy", T0 + 60_000))
+    rows = {r["arm"]: r for r in experiment_results(s)}
+    a, control = rows["a"], rows["control"]
+    assert a["entered"] + control["entered"] == 2000 and control["converted"] == 0
+    assert a["converted"] == len([u for i, u in enumerate(users) if u in in_a and i % 2 == 0])
+    assert a["ci95_pp"][0] < a["uplift_pp"] < a["ci95_pp"][1] and a["ci95_pp"][0] > 40  # about +50 points
