@@ -24,11 +24,11 @@ import hashlib
 import hmac
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from email.message import EmailMessage
 from pathlib import Path
-from typing import Any, Protocol, TextIO, TypeVar
+from typing import Any, Protocol, TextIO
 from urllib.parse import urlencode, urlsplit
 
 import aiosmtplib
@@ -45,8 +45,6 @@ from nudgeflow.engine.errors import ConfigError, NudgeflowError
 from nudgeflow.engine.io import SendRequest
 from nudgeflow.engine.schema import CHANNELS
 from nudgeflow.streams.wire import send_request_doc
-
-R = TypeVar("R")
 
 
 class ProviderError(NudgeflowError):
@@ -125,10 +123,10 @@ def make_provider(name: str, channel: str) -> Provider:
     return reg.factory(channel, settings)
 
 
-def http_outcome(resp: httpx.Response | Answer, unreachable: tuple[int, ...] = (404, 410)) -> None:
+def http_outcome(resp: Answer, unreachable: tuple[int, ...] = (404, 410)) -> None:
     """The usual meaning of an HTTP answer: 2xx delivered, 429 and 5xx transient, the given
     statuses unreachable, any other 4xx (and an unfollowed redirect) permanent."""
-    code = resp.status if isinstance(resp, Answer) else resp.status_code
+    code = resp.status
     if 200 <= code < 300:
         return
     if code == 429 or code >= 500:
@@ -139,11 +137,11 @@ def http_outcome(resp: httpx.Response | Answer, unreachable: tuple[int, ...] = (
     raise Permanent(f"HTTP {code}")
 
 
-async def http_call(send: Callable[[], Awaitable[R]]) -> R:
-    """Run an HTTP request; transport failures are transient, a refusal by the outbound policy is
-    permanent (the configuration, not the moment, is wrong)."""
+async def post(http: Outbound, url: str, content: bytes, headers: dict[str, str], timeout: float) -> Answer:
+    """POST through the outbound policy; transport failures are transient, a refusal by the policy
+    is permanent (the configuration, not the moment, is wrong)."""
     try:
-        return await send()
+        return await http.request("POST", url, content=content, headers=headers, timeout=timeout)
     except httpx.TimeoutException:
         raise Transient("timeout") from None
     except httpx.TransportError as e:
@@ -152,13 +150,40 @@ async def http_call(send: Callable[[], Awaitable[R]]) -> R:
         raise Permanent(f"outbound policy: {e.reason}") from None
 
 
-def outbound(kind: str, max_bytes: int = 64 * 1024) -> Outbound:
+def outbound(kind: str, max_bytes: int = 64 * 1024, client: httpx.AsyncClient | None = None) -> Outbound:
     """An HTTP client under the outbound policy of the environment's settings
     (NUDGEFLOW_OUTBOUND_ALLOW_HOSTS / _NETWORKS), for providers that call HTTP APIs."""
     from nudgeflow.settings import Settings
 
     s = Settings(**{})  # the environment's (flags are the sender's own)
-    return Outbound(OutboundPolicy(s.outbound_allow_hosts, s.outbound_allow_networks), max_bytes, kind=kind)
+    policy = OutboundPolicy(s.outbound_allow_hosts, s.outbound_allow_networks)
+    return Outbound(policy, max_bytes, client=client, kind=kind)
+
+
+def json_object(body: bytes) -> dict[str, Any]:
+    """An API answer's JSON object; {} when the body is empty, not JSON or not an object."""
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def error_code(value: Any) -> int:
+    """An API's numeric error code, or 0."""
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return 0
+
+
+class HttpProvider:
+    """What the providers that call an HTTP API share: their outbound client."""
+
+    http: Outbound
+
+    async def close(self) -> None:
+        await self.http.aclose()
 
 
 # --- console ---------------------------------------------------------------------------------
@@ -208,7 +233,7 @@ def webhook_signature(secret: bytes, timestamp: str, body: bytes) -> str:
     return "v1=" + hmac.new(secret, timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
 
 
-class WebhookProvider:
+class WebhookProvider(HttpProvider):
     """POSTs the send request (the JSON contract, see README "Send requests") to one URL with
     headers `Idempotency-Key`, `X-Nudgeflow-Timestamp` and, with a secret,
     `X-Nudgeflow-Signature`. 2xx delivered; 404/410 unreachable; 429/5xx/timeouts retried;
@@ -226,15 +251,10 @@ class WebhookProvider:
         headers = {"content-type": "application/json", "idempotency-key": req.key, "x-nudgeflow-timestamp": ts}
         if self.s.secret is not None:
             headers["x-nudgeflow-signature"] = webhook_signature(self.s.secret.get_secret_value().encode(), ts, body)
-        resp = await http_call(
-            lambda: self.http.request("POST", self.s.url, content=body, headers=headers, timeout=self.s.timeout_s)
-        )
+        resp = await post(self.http, self.s.url, body, headers, self.s.timeout_s)
         http_outcome(resp)
         request_id: str | None = resp.headers.get("x-request-id")
         return request_id
-
-    async def close(self) -> None:
-        await self.http.aclose()
 
 
 @register("webhook", WebhookSettings)
@@ -339,7 +359,7 @@ class TwilioSettings(BaseSettings):
 TWILIO_UNREACHABLE = {21211, 21214, 21408, 21610, 21612, 21614, 63003}  # invalid, landline, opted out, ...
 
 
-class TwilioProvider:
+class TwilioProvider(HttpProvider):
     """POST /2010-04-01/Accounts/{sid}/Messages.json, form fields To, From, Body, HTTP basic auth.
     201 delivered (the message sid); 400 with an error code for a number that cannot receive
     (invalid, not mobile, unsubscribed) unreachable; 429 and 5xx transient; other 4xx permanent."""
@@ -364,28 +384,15 @@ class TwilioProvider:
             "Body": c.get("text") or c.get("body") or c.get("title") or "",
         }
         headers = {"authorization": self.auth, "content-type": "application/x-www-form-urlencoded"}
-        resp = await http_call(
-            lambda: self.http.request(
-                "POST", self.url, content=urlencode(form).encode(), headers=headers, timeout=self.s.timeout_s
-            )
-        )
+        resp = await post(self.http, self.url, urlencode(form).encode(), headers, self.s.timeout_s)
         if resp.status == 400:
-            try:
-                code = int(orjson.loads(resp.body).get("code", 0))
-            except (orjson.JSONDecodeError, ValueError, TypeError, AttributeError):
-                code = 0
+            code = error_code(json_object(resp.body).get("code"))
             if code in TWILIO_UNREACHABLE:
                 raise Unreachable(f"Twilio {code}")
             raise Permanent(f"Twilio {code or 400}")
         http_outcome(resp)
-        try:
-            sid: str | None = orjson.loads(resp.body).get("sid")
-        except (orjson.JSONDecodeError, AttributeError):
-            sid = None
-        return sid
-
-    async def close(self) -> None:
-        await self.http.aclose()
+        sid = json_object(resp.body).get("sid")
+        return sid if isinstance(sid, str) else None
 
 
 @register("twilio", TwilioSettings, channels=("sms", "whatsapp"))
@@ -412,7 +419,7 @@ WHATSAPP_UNREACHABLE = {131026, 131050, 131021}  # undeliverable, user stopped m
 WHATSAPP_TRANSIENT = {4, 80007, 130429, 131048, 131056}  # rate limits and spam throttling
 
 
-class WhatsAppProvider:
+class WhatsAppProvider(HttpProvider):
     """POST {base}/{phone_number_id}/messages with a bearer token. A request with a `template` id
     sends that approved template message (`data.language`, `data.params`: the body parameters);
     without one, a text message (`text`/`body`; WhatsApp delivers those only within 24 h of the
@@ -450,30 +457,20 @@ class WhatsAppProvider:
             "authorization": f"Bearer {self.s.access_token.get_secret_value()}",
             "content-type": "application/json",
         }
-        resp = await http_call(
-            lambda: self.http.request(
-                "POST", self.url, content=orjson.dumps(doc), headers=headers, timeout=self.s.timeout_s
-            )
-        )
+        resp = await post(self.http, self.url, orjson.dumps(doc), headers, self.s.timeout_s)
         if 400 <= resp.status < 500:
-            try:
-                code = int(orjson.loads(resp.body)["error"]["code"])
-            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-                code = 0
+            error = json_object(resp.body).get("error")
+            code = error_code(error.get("code") if isinstance(error, dict) else None)
             if code in WHATSAPP_UNREACHABLE:
                 raise Unreachable(f"WhatsApp {code}")
             if code in WHATSAPP_TRANSIENT or resp.status == 429:
                 raise Transient(f"WhatsApp {code or resp.status}")
             raise Permanent(f"WhatsApp {code or resp.status}")
         http_outcome(resp)
-        try:
-            mid: str | None = orjson.loads(resp.body)["messages"][0]["id"]
-        except (orjson.JSONDecodeError, KeyError, IndexError, TypeError):
-            mid = None
-        return mid
-
-    async def close(self) -> None:
-        await self.http.aclose()
+        messages = json_object(resp.body).get("messages")
+        first = messages[0] if isinstance(messages, list) and messages else None
+        mid = first.get("id") if isinstance(first, dict) else None
+        return mid if isinstance(mid, str) else None
 
 
 @register("whatsapp", WhatsAppSettings, channels=("whatsapp",))
@@ -498,7 +495,7 @@ class FcmSettings(BaseSettings):
 FCM_SCOPE = "https://www.googleapis.com/auth/firebase.messaging"
 
 
-class FcmProvider:
+class FcmProvider(HttpProvider):
     """POST {base}/v1/projects/{project}/messages:send with an OAuth bearer token, which it gets
     (and renews before it expires) by signing a JWT assertion with the service account's key and
     exchanging it at the key's token_uri. The message carries `notification` (title, body, image)
@@ -532,15 +529,8 @@ class FcmProvider:
         claims = {"iss": self.email, "scope": FCM_SCOPE, "aud": self.token_uri, "iat": now, "exp": now + 3600}
         assertion = jwt.encode(claims, self.private_key, algorithm="RS256")
         form = urlencode({"grant_type": "urn:ietf:params:oauth:grant-type:jwt-bearer", "assertion": assertion})
-        resp = await http_call(
-            lambda: self.http.request(
-                "POST",
-                self.token_uri,
-                content=form.encode(),
-                headers={"content-type": "application/x-www-form-urlencoded"},
-                timeout=self.s.timeout_s,
-            )
-        )
+        headers = {"content-type": "application/x-www-form-urlencoded"}
+        resp = await post(self.http, self.token_uri, form.encode(), headers, self.s.timeout_s)
         if resp.status != 200:
             if resp.status >= 500 or resp.status == 429:
                 raise Transient(f"FCM token {resp.status}")
@@ -564,9 +554,7 @@ class FcmProvider:
         doc = orjson.dumps(self.body(req))
         for _ in range(2):  # a 401: the token was revoked or expired early, renew it once
             headers = {"authorization": f"Bearer {await self.token()}", "content-type": "application/json"}
-            resp = await http_call(
-                lambda h=headers: self.http.request("POST", self.url, content=doc, headers=h, timeout=self.s.timeout_s)  # type: ignore[misc]
-            )
+            resp = await post(self.http, self.url, doc, headers, self.s.timeout_s)
             if resp.status != 401:
                 break
             self._token = None
@@ -575,14 +563,8 @@ class FcmProvider:
         if resp.status == 404 or b"UNREGISTERED" in resp.body:
             raise Unreachable(f"FCM {resp.status} UNREGISTERED")
         http_outcome(resp)
-        try:
-            name: str | None = orjson.loads(resp.body).get("name")
-        except (orjson.JSONDecodeError, AttributeError):
-            name = None
-        return name
-
-    async def close(self) -> None:
-        await self.http.aclose()
+        name = json_object(resp.body).get("name")
+        return name if isinstance(name, str) else None
 
 
 @register("fcm", FcmSettings, channels=("push",))
@@ -604,7 +586,7 @@ class WebPushSettings(BaseSettings):
     timeout_s: float = 10.0
 
 
-class WebPushProvider:
+class WebPushProvider(HttpProvider):
     """The request's `to` is the browser's PushSubscription (JSON: endpoint, keys.p256dh,
     keys.auth). The payload (JSON: title, body, url, image, data, key) is encrypted for it
     (aes128gcm, RFC 8291) and POSTed to its endpoint with a VAPID `Authorization` (RFC 8292),
@@ -646,15 +628,10 @@ class WebPushProvider:
             "topic": req.key[:32],  # a retry replaces, not adds to, a message still queued
             "urgency": "normal",
         }
-        resp = await http_call(
-            lambda: self.http.request("POST", endpoint, content=body, headers=headers, timeout=self.s.timeout_s)
-        )
+        resp = await post(self.http, endpoint, body, headers, self.s.timeout_s)
         http_outcome(resp)
         location: str | None = resp.headers.get("location")
         return location
-
-    async def close(self) -> None:
-        await self.http.aclose()
 
 
 @register("webpush", WebPushSettings, channels=("webpush",))
@@ -682,7 +659,7 @@ class ApnsSettings(BaseSettings):
 APNS_UNREACHABLE = {"BadDeviceToken", "Unregistered", "DeviceTokenNotForTopic"}
 
 
-class ApnsProvider:
+class ApnsProvider(HttpProvider):
     """POST /3/device/<token> over HTTP/2 with `authorization: bearer <ES256 JWT>` (renewed every
     50 minutes, as APNs asks), `apns-topic`, `apns-push-type: alert`, `apns-expiration` from the
     request's expiry and `apns-collapse-id` from its key; body `{"aps": {"alert": {title, body}},
@@ -694,13 +671,9 @@ class ApnsProvider:
 
     def __init__(self, settings: ApnsSettings) -> None:
         self.s = settings
-        from nudgeflow.settings import Settings
-
-        env = Settings(**{})
         verify: Any = str(settings.ca_file) if settings.ca_file else True
         client = httpx.AsyncClient(http2=True, follow_redirects=False, trust_env=False, verify=verify)
-        policy = OutboundPolicy(env.outbound_allow_hosts, env.outbound_allow_networks)
-        self.http = Outbound(policy, 64 * 1024, client=client, kind="push")
+        self.http = outbound("push", client=client)
         self._token: str | None = None
         self._token_at = 0.0
 
@@ -731,13 +704,8 @@ class ApnsProvider:
                 "apns-expiration": str((req.expires_at or 0) // 1000),
                 "content-type": "application/json",
             }
-            resp = await http_call(
-                lambda h=headers: self.http.request("POST", url, content=doc, headers=h, timeout=self.s.timeout_s)  # type: ignore[misc]
-            )
-            try:
-                reason = str(orjson.loads(resp.body).get("reason", "")) if resp.body else ""
-            except (orjson.JSONDecodeError, AttributeError):
-                reason = ""
+            resp = await post(self.http, url, doc, headers, self.s.timeout_s)
+            reason = str(json_object(resp.body).get("reason", ""))
             if resp.status == 403 and reason in ("ExpiredProviderToken", "InvalidProviderToken"):
                 self._token = None  # renew once
                 continue
@@ -747,9 +715,6 @@ class ApnsProvider:
         http_outcome(resp)
         apns_id: str | None = resp.headers.get("apns-id")
         return apns_id
-
-    async def close(self) -> None:
-        await self.http.aclose()
 
 
 @register("apns", ApnsSettings, channels=("push",))
