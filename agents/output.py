@@ -60,26 +60,13 @@ class Output:
     ) -> None:
         cb = self._tracked if topic == self.track_topic else self._delivered
         produce = self.producer.produce
-        try:
-            if partition is None:
-                produce(topic, value, key, on_delivery=cb, headers=headers)
-            else:
-                produce(topic, value, key, partition, on_delivery=cb, headers=headers)
-            return
-        except BufferError:  # local queue full: let librdkafka drain it, then try again
-            pass
-        except KafkaException as e:
-            raise DeliveryError(f"cannot produce to {topic}: {e}") from e
+        part = -1 if partition is None else partition  # -1: the partitioner picks (RD_KAFKA_PARTITION_UA)
         while True:
-            self.producer.poll(0.05)
             try:
-                if partition is None:
-                    produce(topic, value, key, on_delivery=cb, headers=headers)
-                else:
-                    produce(topic, value, key, partition, on_delivery=cb, headers=headers)
+                produce(topic, value, key, part, on_delivery=cb, headers=headers)
                 return
-            except BufferError:
-                continue
+            except BufferError:  # local queue full: let librdkafka drain it, then try again
+                self.producer.poll(0.05)
             except KafkaException as e:
                 raise DeliveryError(f"cannot produce to {topic}: {e}") from e
 
