@@ -238,7 +238,6 @@ class BatchOutput:
     earliest_timer: dict[int, int] = field(default_factory=dict)  # partition -> min due set
     ticks: list[tuple[int, int, bool]] = field(default_factory=list)  # (partition, due, stale) processed
     duplicates: int = 0
-    sends: dict[str, int] = field(default_factory=dict)  # channel -> n
     sent_by: dict[tuple[str, str, str], int] = field(default_factory=dict)  # (channel, journey, step) -> n
     sent_at: list[int] = field(default_factory=list)  # created_at of each send request (latency)
     dropped_upto: dict[tuple[str, int], int] = field(default_factory=dict)  # newest event time of unused events
@@ -278,7 +277,6 @@ class BatchSink:
             case SendRequest():
                 enc = wire.encode_send_request(fx, self.signer)
                 out.records.append(Record(self.topics.channel(fx.channel), enc.key, enc.value, enc.headers))
-                out.sends[fx.channel] = out.sends.get(fx.channel, 0) + 1
                 by = (fx.channel, fx.journey, fx.step)
                 out.sent_by[by] = out.sent_by.get(by, 0) + 1
                 out.sent_at.append(fx.created_at)

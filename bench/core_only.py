@@ -59,7 +59,7 @@ def run(core: BatchCore, store: StateStore, msgs: list[Raw], batch: int) -> int:
         out = core.run(msgs[i : i + batch], store)
         store.write(out.writes, out.local, {})
         core.written(out)
-        sends += sum(out.sends.values())
+        sends += sum(out.sent_by.values())
     return sends
 
 
