@@ -6,13 +6,10 @@ refused for good (400): it lands in the send dead-letter topic."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, ClassVar
 from urllib.parse import parse_qs, urlparse
@@ -22,6 +19,7 @@ import pytest
 from aiosmtpd.controller import Controller
 
 from nudgeflow.broker import EmbeddedBroker, die_with_parent, free_port
+from tests.apis import ApiHandler, start
 from tests.integration.conftest import Client, new_worker, wait_for
 from tests.unit.journeys import ROOT
 
@@ -29,7 +27,7 @@ pytestmark = pytest.mark.integration
 SECRET = "rfm-secret"
 
 
-class Api(BaseHTTPRequestHandler):
+class Api(ApiHandler):
     """The recommendation engine and the SMS gateway on one local server."""
 
     sms: ClassVar[list[dict[str, list[str]]]] = []
@@ -38,28 +36,17 @@ class Api(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         url = urlparse(self.path)
         category = parse_qs(url.query).get("category", ["?"])[0]
-        self._json(200, {"items": [{"name": f"{category} Plus", "url": "https://shop.example/p/1"}]})
+        self.answer(200, {"items": [{"name": f"{category} Plus", "url": "https://shop.example/p/1"}]})
 
     def do_POST(self) -> None:
         form = parse_qs(self.rfile.read(int(self.headers["content-length"])).decode())
         if form["To"][0] == "+15550002":
-            self._json(400, {"code": 21604, "message": "refused"})
+            self.answer(400, {"code": 21604, "message": "refused"})
             return
         status = Api.sms_answers.pop(0) if Api.sms_answers else 201
         if status == 201:
             Api.sms.append(form)
-        self._json(status, {"sid": f"SM{len(Api.sms)}"} if status == 201 else {"message": "busy"})
-
-    def _json(self, status: int, doc: Any) -> None:
-        data = json.dumps(doc).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args: object) -> None:
-        return
+        self.answer(status, {"sid": f"SM{len(Api.sms)}"} if status == 201 else {"message": "busy"})
 
 
 class BouncingMailbox:
@@ -69,10 +56,9 @@ class BouncingMailbox:
 
 @pytest.fixture()
 def api() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Api)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
+    base, stop = start(Api)
+    yield base
+    stop()
 
 
 def test_bounced_email_falls_back_to_exactly_one_sms(broker: EmbeddedBroker, tmp_path: Path, api: str) -> None:

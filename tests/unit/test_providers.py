@@ -10,7 +10,6 @@ import email
 import json
 import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, ClassVar
 from urllib.parse import parse_qs
 
@@ -28,6 +27,7 @@ from nudgeflow.channels.providers import (
     Unreachable,
 )
 from nudgeflow.engine.io import SendRequest
+from tests.apis import ApiHandler, start
 
 
 def req(channel: str, to: str | None, **content: str) -> SendRequest:
@@ -95,7 +95,7 @@ def test_smtp_answers_map_to_unreachable_transient_and_no_address(smtp: tuple[Ma
 # --- Twilio ----------------------------------------------------------------------------------------
 
 
-class Twilio(BaseHTTPRequestHandler):
+class Twilio(ApiHandler):
     seen: ClassVar[list[tuple[str, str, dict[str, list[str]]]]] = []
     script: ClassVar[dict[str, list[tuple[int, dict[str, Any]]]]] = {}  # To -> answers in order
 
@@ -104,31 +104,22 @@ class Twilio(BaseHTTPRequestHandler):
         Twilio.seen.append((self.path, self.headers["authorization"], form))
         answers = Twilio.script.get(form["To"][0], [])
         status, body = answers.pop(0) if answers else (201, {"sid": "SM" + str(len(Twilio.seen)), "status": "queued"})
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args: object) -> None:
-        return
+        self.answer(status, body)
 
 
 @pytest.fixture()
 def twilio(monkeypatch: pytest.MonkeyPatch) -> Iterator[TwilioProvider]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Twilio)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base, stop = start(Twilio)
     monkeypatch.setenv("NUDGEFLOW_OUTBOUND_ALLOW_NETWORKS", "127.0.0.1/32")
     Twilio.seen.clear()
     settings = TwilioSettings(
         account_sid="AC123",
         auth_token="tok",  # type: ignore[arg-type]
         from_number="+15550001",
-        base_url=f"http://127.0.0.1:{server.server_address[1]}",
+        base_url=base,
     )
     yield TwilioProvider(settings, "sms")
-    server.shutdown()
+    stop()
 
 
 def test_twilio_gets_the_messages_api_request_and_its_answers_are_classified(twilio: TwilioProvider) -> None:
@@ -162,7 +153,7 @@ def test_twilio_gets_the_messages_api_request_and_its_answers_are_classified(twi
 # --- WhatsApp Cloud API --------------------------------------------------------------------------
 
 
-class Graph(BaseHTTPRequestHandler):
+class Graph(ApiHandler):
     seen: ClassVar[list[tuple[str, str, dict[str, Any]]]] = []
     errors: ClassVar[dict[str, tuple[int, int]]] = {}  # to -> (HTTP status, error code)
 
@@ -175,29 +166,20 @@ class Graph(BaseHTTPRequestHandler):
             if status == 200
             else {"error": {"message": "no", "type": "OAuthException", "code": code}}
         )
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args: object) -> None:
-        return
+        self.answer(status, body)
 
 
 def test_whatsapp_sends_template_messages_and_classifies_the_graph_api_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     from nudgeflow.channels.providers import WhatsAppProvider, WhatsAppSettings
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Graph)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base, stop = start(Graph)
     monkeypatch.setenv("NUDGEFLOW_OUTBOUND_ALLOW_NETWORKS", "127.0.0.1/32")
     Graph.errors = {"15559990000": (400, 131026), "15559990001": (400, 130429), "15559990002": (400, 132001)}
     provider = WhatsAppProvider(
         WhatsAppSettings(
             phone_number_id="1057",
             access_token="EAAB",  # type: ignore[arg-type]
-            base_url=f"http://127.0.0.1:{server.server_address[1]}/v21.0",
+            base_url=f"{base}/v21.0",
         )
     )
     try:
@@ -240,13 +222,13 @@ def test_whatsapp_sends_template_messages_and_classifies_the_graph_api_errors(mo
             with pytest.raises(error):
                 asyncio.run(provider.deliver(req("whatsapp", to, text="hi")))
     finally:
-        server.shutdown()
+        stop()
 
 
 # --- FCM HTTP v1 ---------------------------------------------------------------------------------
 
 
-class Google(BaseHTTPRequestHandler):
+class Google(ApiHandler):
     public_key: ClassVar[Any] = None
     token_uri: ClassVar[str] = ""
     grants: ClassVar[list[dict[str, Any]]] = []
@@ -262,28 +244,19 @@ class Google(BaseHTTPRequestHandler):
                 form["assertion"][0], Google.public_key, algorithms=["RS256"], audience=Google.token_uri
             )
             Google.grants.append(claims)
-            self._json(200, {"access_token": f"ya29.{len(Google.grants)}", "expires_in": 3599, "token_type": "Bearer"})
+            self.answer(200, {"access_token": f"ya29.{len(Google.grants)}", "expires_in": 3599, "token_type": "Bearer"})
             return
         doc = json.loads(raw)
         Google.sends.append((self.headers["authorization"], doc))
         token = doc["message"]["token"]
         if token == "stale":
-            self._json(404, {"error": {"code": 404, "status": "NOT_FOUND", "details": [{"errorCode": "UNREGISTERED"}]}})
+            self.answer(
+                404, {"error": {"code": 404, "status": "NOT_FOUND", "details": [{"errorCode": "UNREGISTERED"}]}}
+            )
         elif token == "busy":
-            self._json(503, {"error": {"code": 503, "status": "UNAVAILABLE"}})
+            self.answer(503, {"error": {"code": 503, "status": "UNAVAILABLE"}})
         else:
-            self._json(200, {"name": f"projects/p1/messages/{len(Google.sends)}"})
-
-    def _json(self, status: int, doc: Any) -> None:
-        data = json.dumps(doc).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args: object) -> None:
-        return
+            self.answer(200, {"name": f"projects/p1/messages/{len(Google.sends)}"})
 
 
 def test_fcm_signs_a_service_account_assertion_and_sends_v1_messages(
@@ -296,9 +269,7 @@ def test_fcm_signs_a_service_account_assertion_and_sends_v1_messages(
 
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Google)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    base = f"http://127.0.0.1:{server.server_address[1]}"
+    base, stop = start(Google)
     Google.public_key, Google.token_uri = key.public_key(), f"{base}/token"
     account = {
         "type": "service_account",
@@ -353,26 +324,24 @@ def test_fcm_signs_a_service_account_assertion_and_sends_v1_messages(
             }
         }
     finally:
-        server.shutdown()
+        stop()
 
 
 # --- Web Push (VAPID, aes128gcm) -----------------------------------------------------------------
 
 
-class PushService(BaseHTTPRequestHandler):
+class PushService(ApiHandler):
     received: ClassVar[list[tuple[str, dict[str, str], bytes]]] = []
     gone: ClassVar[set[str]] = set()
 
     def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers["content-length"]))
         PushService.received.append((self.path, {k.lower(): v for k, v in self.headers.items()}, body))
-        self.send_response(410 if self.path in PushService.gone else 201)
-        self.send_header("Location", f"{self.path}/m{len(PushService.received)}")
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    def log_message(self, *args: object) -> None:
-        return
+        self.answer(
+            410 if self.path in PushService.gone else 201,
+            None,
+            [("Location", f"{self.path}/m{len(PushService.received)}")],
+        )
 
 
 def test_web_push_encrypts_for_the_subscription_and_signs_with_vapid(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -386,9 +355,7 @@ def test_web_push_encrypts_for_the_subscription_and_signs_with_vapid(monkeypatch
 
     from nudgeflow.channels.providers import WebPushProvider, WebPushSettings
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), PushService)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    base = f"http://127.0.0.1:{server.server_address[1]}"
+    base, stop = start(PushService)
     monkeypatch.setenv("NUDGEFLOW_OUTBOUND_ALLOW_NETWORKS", "127.0.0.1/32")
     vapid = Vapid02()
     vapid.generate_keys()
@@ -445,7 +412,7 @@ def test_web_push_encrypts_for_the_subscription_and_signs_with_vapid(monkeypatch
         payload = json.loads(http_ece.decrypt(body, private_key=browser, auth_secret=auth, version="aes128gcm"))
         assert payload == {"title": "Back in stock", "url": "/p/1", "data": {}, "key": "key-3"}
     finally:
-        server.shutdown()
+        stop()
 
 
 # --- APNs over HTTP/2 ----------------------------------------------------------------------------

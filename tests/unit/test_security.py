@@ -5,9 +5,7 @@ sent, and a restarted call runner that does not repeat an answered call."""
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -23,47 +21,33 @@ from nudgeflow.engine.io import CallRequest
 from nudgeflow.streams import wire
 from nudgeflow.streams.events import Decoder
 from nudgeflow.streams.topics import Topics
+from tests.apis import ApiHandler, start
 from tests.unit.journeys import T0, seeds, texts
 from tests.unit.test_batch import MemStore, cart, msg
 
 HITS: list[tuple[str, str]] = []
 
 
-class Api(BaseHTTPRequestHandler):
+class Api(ApiHandler):
     def _answer(self) -> None:
         HITS.append((self.command, self.path))
         if self.path.startswith("/big"):
-            body = b'{"x": "' + b"a" * 100_000 + b'"}'
+            self.answer(200, {"x": "a" * 100_000})
         elif self.path.startswith("/to-metadata"):
-            self.send_response(302)
-            self.send_header("Location", "http://169.254.169.254/latest/meta-data/")
-            self.end_headers()
-            return
+            self.answer(302, None, [("Location", "http://169.254.169.254/latest/meta-data/")])
         elif self.path.startswith("/to-ok"):
-            self.send_response(307)
-            self.send_header("Location", "/ok")
-            self.end_headers()
-            return
+            self.answer(307, None, [("Location", "/ok")])
         else:
-            body = orjson.dumps({"ok": True, "host": self.headers["host"]})
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+            self.answer(200, {"ok": True, "host": self.headers["host"]})
 
     do_GET = do_POST = _answer
-
-    def log_message(self, *args: object) -> None:
-        return
 
 
 @pytest.fixture(scope="module")
 def api() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Api)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
+    base, stop = start(Api)
+    yield base
+    stop()
 
 
 def refused(kind: str, reason: str) -> float:
