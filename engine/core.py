@@ -26,6 +26,7 @@ from __future__ import annotations
 import bisect
 import datetime as dt
 import hashlib
+import json
 import zoneinfo
 from collections.abc import Mapping
 from typing import Any, assert_never
@@ -750,8 +751,6 @@ def _recipient(profile: Mapping[str, Any], channel: str) -> str | None:
         return None
     if isinstance(v, str):
         return v
-    import json
-
     return json.dumps(v, sort_keys=True, separators=(",", ":"))
 
 
