@@ -103,9 +103,11 @@ class DoneKeys:
         self.db.close()
 
 
-def load_keys(conf: dict[str, Any], topic: str, partition: int, keys: DoneKeys, timeout: float = 60.0) -> int:
-    """Read a keys-topic partition from where `keys` last read it to its end, into `keys`."""
-    start = keys.read_upto(partition)
+def load_keys(
+    conf: dict[str, Any], topic: str, partitions: list[int], keys: DoneKeys, timeout: float = 60.0
+) -> dict[int, int]:
+    """Read keys-topic partitions, each from where `keys` last read it to its end, into `keys`
+    (one reader for all of them); the records read per partition."""
     reader = Consumer(
         {
             **conf,
@@ -115,26 +117,31 @@ def load_keys(conf: dict[str, Any], topic: str, partition: int, keys: DoneKeys, 
             "log_level": 3,
         }
     )
-    n, deadline = 0, time.monotonic() + timeout
+    starts = {p: keys.read_upto(p) for p in partitions}
+    read, ended = dict.fromkeys(partitions, 0), set()
+    deadline = time.monotonic() + timeout
     try:
-        reader.assign([TopicPartition(topic, partition, start + 1 if start is not None else OFFSET_BEGINNING)])
+        reader.assign(
+            [TopicPartition(topic, p, s + 1 if s is not None else OFFSET_BEGINNING) for p, s in starts.items()]
+        )
         while time.monotonic() < deadline:
-            msgs = reader.consume(10_000, 0.5)
-            batch, last, ended = [], None, False
-            for m in msgs:
+            batches: dict[int, list[tuple[bytes, bytes | None]]] = {}
+            last: dict[int, int] = {}
+            for m in reader.consume(10_000, 0.5):
+                p = m.partition()
                 if m.error() is not None:
                     if m.error().code() == KafkaError._PARTITION_EOF:
-                        ended = True
+                        ended.add(p)
                         continue
-                    raise NudgeflowError(f"cannot read {topic}[{partition}]: {m.error()}")
-                batch.append((m.key(), m.value()))
-                last = m.offset()
-            if batch and last is not None:
-                keys.merge(batch, partition, last)
-                n += len(batch)
-            if ended:
-                return n
-        raise NudgeflowError(f"no end of {topic}[{partition}] within {timeout:.0f}s")
+                    raise NudgeflowError(f"cannot read {topic}[{p}]: {m.error()}")
+                batches.setdefault(p, []).append((m.key(), m.value()))
+                last[p] = m.offset()
+            for p, batch in batches.items():
+                keys.merge(batch, p, last[p])
+                read[p] += len(batch)
+            if len(ended) == len(partitions):
+                return read
+        raise NudgeflowError(f"no end of {topic} {sorted(set(partitions) - ended)} within {timeout:.0f}s")
     finally:
         reader.close()
 
@@ -169,10 +176,10 @@ class BatchConsumer(ABC):
         """Before consuming a partition: what replicas before this one started and finished there."""
         if self.keys_topic is None or not partitions:
             return
-        for tp in partitions:
-            n = load_keys(self.conf, self.keys_topic, tp.partition, self.keys)
+        read = load_keys(self.conf, self.keys_topic, [tp.partition for tp in partitions], self.keys)
+        for p, n in sorted(read.items()):
             if n:
-                self.log.info("partition %d: %d key record(s) read from %s", tp.partition, n, self.keys_topic)
+                self.log.info("partition %d: %d key record(s) read from %s", p, n, self.keys_topic)
 
     def stop(self) -> None:
         """Stop after the current batch (signal handlers call this)."""
