@@ -38,11 +38,11 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
+from confluent_kafka import Producer
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from nudgeflow.broker import EmbeddedBroker, die_with_parent, ensure_topics  # noqa: E402
+from nudgeflow.broker import EmbeddedBroker, die_with_parent, ensure_topics, read_to_end  # noqa: E402
 from nudgeflow.streams.topics import Topics  # noqa: E402
 from nudgeflow.worker import all_topics  # noqa: E402
 
@@ -176,26 +176,7 @@ class Traffic:
 
 
 def read_topic(bootstrap: str, topic: str) -> list[Any]:
-    c = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": f"chaos-read-{time.time()}",
-            "enable.auto.commit": False,
-            "enable.partition.eof": True,
-            "log_level": 3,
-        }
-    )
-    c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(PARTITIONS)])
-    got, eof, deadline = [], set(), time.time() + 120
-    while len(eof) < PARTITIONS and time.time() < deadline:
-        for m in c.consume(1000, timeout=0.5):
-            if m.error() is None:
-                got.append(m)
-                eof.discard(m.partition())
-            elif m.error().code() == KafkaError._PARTITION_EOF:
-                eof.add(m.partition())
-    c.close()
-    return got
+    return read_to_end(bootstrap, topic, PARTITIONS)
 
 
 def main() -> None:

@@ -41,12 +41,12 @@ from typing import Any
 
 import httpx
 import orjson
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
+from confluent_kafka import Producer
 from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from nudgeflow.broker import EmbeddedBroker, die_with_parent, ensure_topics, free_port  # noqa: E402
+from nudgeflow.broker import EmbeddedBroker, die_with_parent, ensure_topics, free_port, read_to_end  # noqa: E402
 from nudgeflow.streams.topics import Topics  # noqa: E402
 from nudgeflow.worker import all_topics  # noqa: E402
 
@@ -85,28 +85,8 @@ def metrics(port: int) -> dict[str, float]:
 
 
 def read_all(bootstrap: str, topic: str) -> list[Any]:
-    """Every message of a topic, to each partition's end (fetch EOF: right on Tansu)."""
-    c = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": f"bench-read-{time.time()}",
-            "enable.auto.commit": False,
-            "enable.partition.eof": True,
-            "log_level": 3,
-        }
-    )
-    c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(PARTITIONS)])
-    got, eof = [], set()
-    deadline = time.time() + 120
-    while len(eof) < PARTITIONS and time.time() < deadline:
-        for m in c.consume(5000, timeout=0.5):
-            if m.error() is None:
-                got.append(m)
-                eof.discard(m.partition())
-            elif m.error().code() == KafkaError._PARTITION_EOF:
-                eof.add(m.partition())
-    c.close()
-    return got
+    """Every message of a topic, to each partition's end."""
+    return read_to_end(bootstrap, topic, PARTITIONS)
 
 
 def proc_stats(pid: int) -> tuple[float, float]:

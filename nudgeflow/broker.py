@@ -12,10 +12,12 @@ import signal
 import socket
 import subprocess
 import time
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any
 
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from nudgeflow.engine.errors import NudgeflowError
@@ -123,6 +125,39 @@ def client_conf(target: Target, **extra: Any) -> dict[str, Any]:
 
 def _where(target: Target) -> str:
     return target if isinstance(target, str) else str(target.get("bootstrap.servers"))
+
+
+def read_to_end(target: Target, topic: str, partitions: int, timeout: float = 120.0) -> list[Any]:
+    """Every message of a topic, to each partition's end (by fetch EOF, which is right on Tansu,
+    where ListOffsets(latest) is not); what was read by `timeout` if the end is not reached."""
+    c = Consumer(
+        client_conf(
+            target,
+            **{
+                "group.id": f"read-to-end-{uuid.uuid4().hex}",
+                "enable.auto.commit": False,
+                "enable.partition.eof": True,
+                "log_level": 3,
+            },
+        )
+    )
+    c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(partitions)])
+    got: list[Any] = []
+    eof: set[int] = set()
+    deadline = time.monotonic() + timeout
+    try:
+        while len(eof) < partitions and time.monotonic() < deadline:
+            for m in c.consume(1000, timeout=0.2):
+                if m.error() is None:
+                    got.append(m)
+                    eof.discard(m.partition())
+                elif m.error().code() == KafkaError._PARTITION_EOF:
+                    eof.add(m.partition())
+                else:
+                    raise BrokerError(f"cannot read {topic}: {m.error()}")
+    finally:
+        c.close()
+    return got
 
 
 def cluster_identity(bootstrap: Target, timeout: float = 30.0) -> str:

@@ -20,10 +20,10 @@ from typing import Any
 import httpx
 import orjson
 import pytest
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
+from confluent_kafka import Producer
 from prometheus_client.parser import text_string_to_metric_families
 
-from nudgeflow.broker import EmbeddedBroker, die_with_parent, ensure_topics, free_port
+from nudgeflow.broker import EmbeddedBroker, die_with_parent, ensure_topics, free_port, read_to_end
 from nudgeflow.streams.topics import Topics
 from nudgeflow.worker import all_topics
 
@@ -166,30 +166,7 @@ class Client:
             time.sleep(0.3)
 
     def _read_to_end(self, topic: str, timeout: float) -> list[Any]:
-        c = Consumer(
-            {
-                "bootstrap.servers": self.bootstrap,
-                "group.id": f"reader-{uuid.uuid4().hex}",
-                "enable.auto.commit": False,
-                "enable.partition.eof": True,
-                "log_level": 3,
-            }
-        )
-        c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(PARTITIONS)])
-        got, eof, deadline = [], set(), time.monotonic() + timeout
-        try:
-            while len(eof) < PARTITIONS and time.monotonic() < deadline:
-                for m in c.consume(500, timeout=0.2):
-                    if m.error() is None:
-                        got.append(m)
-                        eof.discard(m.partition())
-                    elif m.error().code() == KafkaError._PARTITION_EOF:
-                        eof.add(m.partition())
-                    else:
-                        raise RuntimeError(m.error())
-        finally:
-            c.close()
-        return got
+        return read_to_end(self.bootstrap, topic, PARTITIONS, timeout)
 
 
 def wait_for(predicate, timeout: float = 30.0, every: float = 0.2) -> bool:  # type: ignore[no-untyped-def]
