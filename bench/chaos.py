@@ -42,7 +42,7 @@ from confluent_kafka import Producer
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from nudgeflow.broker import EmbeddedBroker, die_with_parent, ensure_topics, read_to_end  # noqa: E402
+from nudgeflow.broker import EmbeddedBroker, die_with_parent, ensure_topics, read_to_end, stop_process  # noqa: E402
 from nudgeflow.streams.topics import Topics  # noqa: E402
 from nudgeflow.worker import all_topics  # noqa: E402
 
@@ -116,13 +116,8 @@ class Proc:
         self.kills += 1
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc:
+            stop_process(self.proc, 20)
 
 
 @dataclass
@@ -277,9 +272,7 @@ def main() -> None:
             capture_output=True,
             check=True,
         ).stdout
-        expected_docs = {
-            (d := orjson.loads(x))["key"]: d for x in expected_out.splitlines() if b'"type":"send"' in x
-        }
+        expected_docs = {(d := orjson.loads(x))["key"]: d for x in expected_out.splitlines() if b'"type":"send"' in x}
         expected = set(expected_docs)
 
         def sent_keys() -> Counter[str]:

@@ -93,13 +93,8 @@ class EmbeddedBroker:
         raise BrokerError(f"embedded broker did not listen on {self.bootstrap} within {timeout}s")
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc:
+            stop_process(self.proc, 10)
         if self._log:
             self._log.close()
             self._log = None
@@ -109,6 +104,17 @@ class EmbeddedBroker:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def stop_process(proc: subprocess.Popen[Any], grace_s: float) -> None:
+    """SIGTERM a child still running, wait up to `grace_s`, then SIGKILL it; reaped either way."""
+    if proc.poll() is None:
+        proc.terminate()
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 TANSU_CLUSTER_ID = "tansu_cluster"  # Tansu's fixed cluster id: memory storage, gone with the process

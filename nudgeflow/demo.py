@@ -24,7 +24,7 @@ import orjson
 from confluent_kafka import Producer
 from prometheus_client.parser import text_string_to_metric_families
 
-from nudgeflow.broker import EmbeddedBroker, die_with_parent, ensure_topics, free_port
+from nudgeflow.broker import EmbeddedBroker, die_with_parent, ensure_topics, free_port, stop_process
 from nudgeflow.streams.topics import Topics
 from nudgeflow.worker import all_topics
 
@@ -175,13 +175,7 @@ def run_demo(users: int, rate: float, duration: float, journeys: list[Path], met
             traffic.join(15)
             del traffic.producer  # its client threads would keep reconnecting to the stopped broker
         for p in reversed(procs):  # the sender, then the worker, then the broker: nobody loses its peer
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-            try:
-                p.wait(15)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+            stop_process(p, 15)
         broker.stop()
         shutil.rmtree(work / "data", ignore_errors=True)
         print("demo: stopped", flush=True)

@@ -23,7 +23,7 @@ import pytest
 from confluent_kafka import Producer
 from prometheus_client.parser import text_string_to_metric_families
 
-from nudgeflow.broker import EmbeddedBroker, die_with_parent, ensure_topics, free_port, read_to_end
+from nudgeflow.broker import EmbeddedBroker, die_with_parent, ensure_topics, free_port, read_to_end, stop_process
 from nudgeflow.streams.topics import Topics
 from nudgeflow.worker import all_topics
 
@@ -112,12 +112,7 @@ class Worker:
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            stop_process(self.proc, 20)
 
     def samples(self) -> list[tuple[str, dict[str, str], float]]:
         """Every sample on the worker's /metrics."""
