@@ -19,7 +19,7 @@ from nudgeflow.engine import graph as g
 from nudgeflow.engine import schema as s
 from nudgeflow.engine.durations import parse_duration
 from nudgeflow.engine.errors import CompileError, CompileErrors, Path
-from nudgeflow.engine.predicates import CounterRegistry, SpecError, compile_condition, compile_where
+from nudgeflow.engine.predicates import CounterRegistry, SpecError, compile_condition, compile_where, split_refs
 from nudgeflow.engine.templates import TemplateError, Text, compile_value
 from nudgeflow.engine.timeparse import datetime_to_ms
 
@@ -102,7 +102,9 @@ def compile_journey(raw: Any, file: str, reg: CounterRegistry, segments: set[str
             return lambda _c: False
 
     def rule(event: str, spec: dict[str, Any], path: Path) -> g.Rule:
-        return g.Rule(event, where(spec, path), reg.need(event, spec, None, 1))
+        plain, refs = split_refs(spec)
+        keys = tuple(r.prop for r in refs)
+        return g.Rule(event, where(plain, path), reg.need(event, plain, None, 1, keys), refs)
 
     # entry
     e = jf.entry
@@ -298,15 +300,16 @@ class _Steps:
         return g.WaitWindow(self.sid, frozenset(DAYS[d] for d in w.days), start, end, tz, self.next(st.next))
 
     def compile_wait_for(self, st: s.WaitForStep) -> g.WaitFor:
-        spec = st.where
+        spec, refs = split_refs(st.where)
         return g.WaitFor(
             self.sid,
             st.wait_for,
             self.where(spec, (*self.path, "where")),
-            self.reg.need(st.wait_for, spec, None, 1),
+            self.reg.need(st.wait_for, spec, None, 1, tuple(r.prop for r in refs)),
             parse_duration(st.timeout),
             st.on_timeout,
             self.next(st.next),
+            refs,
         )
 
     def compile_branch(self, st: s.BranchStep) -> g.Branch:

@@ -51,7 +51,7 @@ from nudgeflow.engine.io import (
     TimerCleared,
     TimerSet,
 )
-from nudgeflow.engine.predicates import MAX_HISTORY, reachable
+from nudgeflow.engine.predicates import MAX_HISTORY, Ref, get_path, reachable, ref_values, refs_match
 from nudgeflow.engine.state import Instance, UserState, clone, new_state, next_wake
 from nudgeflow.engine.templates import RenderError, render_value
 from nudgeflow.engine.timeparse import iso_to_ms
@@ -179,22 +179,31 @@ class _Run:
             for c in counters:
                 if c.where(props):
                     self.touch_segments(t)
-                    self.remember(c.id, ev.ts, c.keep_ms, c.keep_n)
+                    if c.keys:
+                        self.remember_values(c.id, ev.ts, [get_path(props, k) for k in c.keys])
+                    else:
+                        self.remember(c.id, ev.ts, c.keep_ms, c.keep_n)
         for jid in (sorted(instances) if len(instances) > 1 else list(instances)) if instances else ():
             j = self.journey_of(jid, t)
             if j is None or name not in j.listens:
                 continue
-            node = j.steps[instances[jid]["step"]]
+            inst = instances[jid]
+            node = j.steps[inst["step"]]
             # a step waiting for exactly this event takes its "performed" branch, even when the
             # event is also the goal or an exit: the flow says explicitly what happens next
-            performed = isinstance(node, g.WaitFor) and node.event == name and node.where(props)
+            performed = (
+                isinstance(node, g.WaitFor)
+                and node.event == name
+                and node.where(props)
+                and (not node.refs or _keyed(node.refs, props, inst))
+            )
             goal = j.goal
-            if goal and goal.rule.event == name and goal.rule.where(props):
+            if goal and goal.rule.event == name and goal.rule.where(props) and _keyed(goal.rule.refs, props, inst):
                 self.convert(j, t)
                 if goal.exit and not performed:
                     self.exit(j, "converted", t)
                     continue
-            if not performed and self.exit_rule_matches(j, name, props):
+            if not performed and self.exit_rule_matches(j, name, props, inst):
                 self.exit(j, "exit_event", t)
                 continue
             if performed:
@@ -203,7 +212,14 @@ class _Run:
                 self.move(j, node.next, t)
         for jid, done in list(st["attribution"].items()) if st["attribution"] else ():
             j = js.journeys.get(jid)
-            if j and j.goal and j.goal.rule.event == ev.name and t <= done["until"] and j.goal.rule.where(ev.props):
+            if (
+                j
+                and j.goal
+                and j.goal.rule.event == ev.name
+                and t <= done["until"]
+                and j.goal.rule.where(ev.props)
+                and (not j.goal.rule.refs or refs_match(j.goal.rule.refs, ev.props, done.get("key", ())))
+            ):
                 done = st["attribution"].pop(jid)
                 self.count("converted", jid, "after_exit")
                 if "arm" in done:
@@ -217,9 +233,9 @@ class _Run:
         self.event_props = None
 
     @staticmethod
-    def exit_rule_matches(j: g.Journey, name: str, props: Mapping[str, Any]) -> bool:
+    def exit_rule_matches(j: g.Journey, name: str, props: Mapping[str, Any], inst: Instance) -> bool:
         for r in j.exits:  # noqa: SIM110 - a loop: no generator made per event
-            if r.event == name and r.where(props):
+            if r.event == name and r.where(props) and (not r.refs or _keyed(r.refs, props, inst)):
                 return True
         return False
 
@@ -315,6 +331,23 @@ class _Run:
                 h.pop(0)
         del h[: max(0, len(h) - min(keep_n, MAX_HISTORY))]
 
+    def remember_values(self, cid: str, ts: int, values: list[Any]) -> None:
+        """A keyed rule's history: each matching event's time with the values it is keyed on."""
+        seen = self.st.setdefault("seen", {}).setdefault(cid, [])
+        bisect.insort(seen, [ts, *values], key=lambda e: e[0])
+        del seen[: max(0, len(seen) - MAX_HISTORY)]
+
+    def last_keyed(self, cid: str, refs: tuple[Ref, ...], inst: Instance) -> int | None:
+        """The newest time of an event in `cid`'s keyed history that matches the instance."""
+        seen = self.st.get("seen", {}).get(cid)
+        if not seen:
+            return None
+        want = ref_values(refs, inst["trigger"], inst["vars"])
+        for e in reversed(seen):
+            if refs_match(refs, dict(zip([r.prop for r in refs], e[1:], strict=True)), want):
+                return int(e[0])
+        return None
+
     def count_since(self, cid: str, since: int) -> int:
         h = self.st["history"].get(cid)
         return len(h) - bisect.bisect_left(h, since) if h else 0
@@ -386,22 +419,21 @@ class _Run:
         }
         self.count("entered", j.id, "")
         self.run(j, t)
-        if st["history"]:
+        if st["history"] or st.get("seen"):
             self.replay_later(j, t)
 
     def replay_later(self, j: g.Journey, t: int) -> None:
         """A goal or exit event that happened after the trigger but was processed before it (inputs
         from different topics can arrive out of order): apply it now, at its own time, after the
         steps that were due before it."""
-        history = self.st["history"]
-        if not history:
+        if not self.st["history"] and not self.st.get("seen"):
             return
         first: tuple[int, int] | None = None
-        if j.goal and (h := history.get(j.goal.rule.counter)) and h[-1] > t:
-            first = (h[-1], 0)
+        if j.goal and (last := self.rule_last(j.goal.rule, j.id)) is not None and last > t:
+            first = (last, 0)
         for r in j.exits:
-            if (h := history.get(r.counter)) and h[-1] > t and (first is None or (h[-1], 1) < first):
-                first = (h[-1], 1)
+            if (last := self.rule_last(r, j.id)) is not None and last > t and (first is None or (last, 1) < first):
+                first = (last, 1)
         if first is None:
             return
         at, kind = first
@@ -421,6 +453,13 @@ class _Run:
             self.count("converted", j.id, "after_exit")
             if "arm" in done:
                 self.count("experiment", j.id, f"{done['arm']}:converted")
+
+    def rule_last(self, r: g.Rule, jid: str) -> int | None:
+        """The newest time the rule's event happened (for a keyed rule: for this instance's key)."""
+        if r.refs:
+            inst = self.st["instances"].get(jid)
+            return self.last_keyed(r.counter, r.refs, inst) if inst is not None else None
+        return self.last_seen(r.counter)
 
     def convert(self, j: g.Journey, t: int) -> None:
         inst = self.st["instances"][j.id]
@@ -442,6 +481,8 @@ class _Run:
                 self.st["attribution"][j.id] = {"entry_no": inst["entry_no"], "until": until}
                 if "arm" in inst:
                     self.st["attribution"][j.id]["arm"] = inst["arm"]
+                if j.goal.rule.refs:
+                    self.st["attribution"][j.id]["key"] = ref_values(j.goal.rule.refs, inst["trigger"], inst["vars"])
 
     def journey_of(self, jid: str, t: int) -> g.Journey | None:
         """The journey an instance runs, after applying edits; None if the instance had to leave."""
@@ -636,7 +677,7 @@ class _Run:
         return node.next
 
     def run_wait_for(self, inst: Instance, node: g.WaitFor, t: int) -> str | None:
-        seen = self.last_seen(node.counter)
+        seen = self.last_keyed(node.counter, node.refs, inst) if node.refs else self.last_seen(node.counter)
         if seen is not None and seen > inst["since"]:
             return node.next  # it already happened (processed before this step began)
         inst["wake"] = t + node.timeout
@@ -752,6 +793,11 @@ def _recipient(profile: Mapping[str, Any], channel: str) -> str | None:
     if isinstance(v, str):
         return v
     return json.dumps(v, sort_keys=True, separators=(",", ":"))
+
+
+def _keyed(refs: tuple[Ref, ...], props: Mapping[str, Any], inst: Instance) -> bool:
+    """The event is about the instance's item (no references: any event is)."""
+    return not refs or refs_match(refs, props, ref_values(refs, inst["trigger"], inst["vars"]))
 
 
 def _goto(inst: Instance, step: str, t: int) -> None:

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from nudgeflow.engine.predicates import Cond, Counter, Filter
+from nudgeflow.engine.predicates import Cond, Counter, Filter, Ref
 from nudgeflow.engine.templates import Text
 
 END = "end"
@@ -70,6 +70,7 @@ class WaitFor:
     timeout: int
     on_timeout: str
     next: str
+    refs: tuple[Ref, ...] = ()  # keyed to the instance: e.g. the cart id of the trigger
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +124,7 @@ class Rule:
     event: str
     where: Filter = field(compare=False)
     counter: str
+    refs: tuple[Ref, ...] = ()  # keyed to the instance (predicates.Ref); its history keeps the values
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,6 +8,7 @@ wrong type simply does not match.
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -63,7 +64,23 @@ def _num(v: Any) -> float | None:
     return None
 
 
+TEMPLATE_TEXT = re.compile(r"\{\{|\{%")
+REF = re.compile(r"^\{\{\s*(trigger|vars)\.([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*)\s*\}\}$")
+LITERAL_TEMPLATE = (
+    "template text in a filter would be compared as literal text: filters take plain values "
+    "(wait_for, goal and exit_when filters may compare a property with {{ trigger.<prop> }} or "
+    "{{ vars.<name>.<field> }}, as the whole value or eq:)"
+)
+
+
+def _no_template(want: Any) -> None:
+    items = want if isinstance(want, list) else [want]
+    if any(isinstance(w, str) and TEMPLATE_TEXT.search(w) for w in items):
+        raise SpecError((), LITERAL_TEMPLATE)
+
+
 def _cmp(op: str, want: Any) -> Callable[[Any], bool]:
+    _no_template(want)
     if op == "exists":
         flag = bool(want)
         return lambda v: (v is not _MISSING and v is not None) == flag
@@ -138,8 +155,53 @@ def compile_where(spec: Any) -> Filter:
         elif isinstance(want, list):
             raise SpecError((key,), f"a list needs an operator: {key}: {{in: [...]}}")
         else:
-            parts.append(_prop(key, [_cmp("eq", want)]))
+            parts.append(_prop(key, [_nest((key,), _cmp, "eq", want)]))
     return _all(parts)
+
+
+@dataclass(frozen=True, slots=True)
+class Ref:
+    """`prop: "{{ trigger.cart_id }}"` in a rule's filter: the event's `prop` must equal the value
+    the instance holds at `root.path` (its trigger's property, or a saved call answer). This keys a
+    wait, goal or exit to the item the user entered with (this cart, this booking)."""
+
+    prop: str
+    root: str  # "trigger" | "vars"
+    path: str
+
+
+def split_refs(spec: Any) -> tuple[Any, tuple[Ref, ...]]:
+    """A rule filter -> (the plain filter, the references to the instance), references taken from
+    top-level `prop: "{{ trigger.x }}"` or `prop: {eq: "{{ trigger.x }}"}` only; template text
+    anywhere else is an error (compile_where reports it with its path)."""
+    if not isinstance(spec, Mapping):
+        return spec, ()
+    plain, refs = {}, []
+    for key, want in spec.items():
+        ref = want.get("eq") if isinstance(want, Mapping) and len(want) == 1 else want
+        m = REF.match(ref) if isinstance(ref, str) and key not in ("any", "all", "not") else None
+        if m:
+            refs.append(Ref(key, m.group(1), m.group(2)))
+        else:
+            plain[key] = want
+    return plain, tuple(refs)
+
+
+def ref_values(refs: Sequence[Ref], trigger: Props, vars_: Props) -> list[Any]:
+    """The values an instance's references stand for (missing: _MISSING, which matches nothing)."""
+    return [get_path(trigger if r.root == "trigger" else vars_, r.path) for r in refs]
+
+
+def refs_match(refs: Sequence[Ref], props: Props, values: Sequence[Any]) -> bool:
+    for r, want in zip(refs, values, strict=True):
+        v = get_path(props, r.prop)
+        if v is _MISSING or want is _MISSING or want is None or not _same(v, want):
+            return False
+    return True
+
+
+def _same(v: Any, want: Any) -> bool:
+    return bool(v == want or ((n := _num(v)) is not None and n == _num(want)))
 
 
 def _nest(prefix: tuple[str | int, ...], fn: Callable[..., Any], *args: Any) -> Any:
@@ -162,6 +224,10 @@ def _prop(key: str, checks: list[Callable[[Any], bool]]) -> Filter:
 
 def _always(_: Props) -> bool:
     return True
+
+
+def _never(_: Props) -> bool:
+    return False
 
 
 def _all(fs: Sequence[Filter]) -> Filter:
@@ -203,6 +269,7 @@ class Counter:
     where: Filter = field(compare=False)
     keep_ms: int | None  # None: forever (only the newest `keep_n` are kept)
     keep_n: int
+    keys: tuple[str, ...] = ()  # properties kept with each time (a keyed rule's history: `seen`)
 
 
 def counter_id(event: str, where: Any) -> str:
@@ -215,20 +282,24 @@ class CounterRegistry:
     """Collects the histories that conditions and rules need, merging equal ones."""
 
     def __init__(self) -> None:
-        self.specs: dict[str, tuple[str, Filter, int | None, int]] = {}
+        self.specs: dict[str, tuple[str, Filter, int | None, int, tuple[str, ...]]] = {}
 
-    def need(self, event: str, where: Any, keep_ms: int | None, keep_n: int) -> str:
-        cid = counter_id(event, where)
+    def need(self, event: str, where: Any, keep_ms: int | None, keep_n: int, keys: tuple[str, ...] = ()) -> str:
+        cid = counter_id(event, where if not keys else {"where": where, "keys": list(keys)})
         if cid in self.specs:
-            _, f, k, n = self.specs[cid]
+            _, f, k, n, _ = self.specs[cid]
             keep = None if (k is None or keep_ms is None) else max(k, keep_ms)
-            self.specs[cid] = (event, f, keep, max(n, keep_n))
+            self.specs[cid] = (event, f, keep, max(n, keep_n), keys)
         else:
-            self.specs[cid] = (event, compile_where(where), keep_ms, keep_n)
+            try:
+                f = compile_where(where)
+            except SpecError:  # reported with its path where the rule's own filter is compiled
+                f = _never
+            self.specs[cid] = (event, f, keep_ms, keep_n, keys)
         return cid
 
     def counters(self) -> tuple[Counter, ...]:
-        return tuple(Counter(cid, e, f, k, n) for cid, (e, f, k, n) in sorted(self.specs.items()))
+        return tuple(Counter(cid, e, f, k, n, ks) for cid, (e, f, k, n, ks) in sorted(self.specs.items()))
 
 
 MAX_HISTORY = 64  # per counter and user: bounds state size whatever a condition asks for

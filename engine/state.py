@@ -35,6 +35,7 @@ class Attribution(TypedDict):
     entry_no: int
     until: int
     arm: NotRequired[str]
+    key: NotRequired[list[Any]]  # a keyed goal's values (the cart the instance was about)
 
 
 class EntryHistory(TypedDict):
@@ -51,6 +52,7 @@ class UserState(TypedDict):
     entries: dict[str, EntryHistory]  # journey id -> entry history
     profile: dict[str, Any]  # profile attributes (from user_profiles and update steps)
     history: dict[str, list[int]]  # counter id -> sorted event times the conditions need
+    seen: NotRequired[dict[str, list[list[Any]]]]  # keyed rule id -> [time, *values] (keyed waits, goals)
     sent: NotRequired[list[tuple[int, str]]]  # (time, channel) of marketing sends the frequency caps need
 
 
@@ -79,4 +81,5 @@ def clone(s: UserState) -> UserState:
         "profile": dict(s["profile"]),
         "history": {k: list(v) for k, v in s["history"].items()},
         **({"sent": list(s["sent"])} if "sent" in s else {}),  # type: ignore[typeddict-item]
+        **({"seen": {k: list(v) for k, v in s["seen"].items()}} if "seen" in s else {}),  # type: ignore[typeddict-item]
     }

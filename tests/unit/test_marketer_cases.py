@@ -1,0 +1,102 @@
+"""Issue 13's cases, written as a marketer or a support engineer meets them: a journey file, a
+timeline of events, and the sends (or output) they expect."""
+
+from __future__ import annotations
+
+import pytest
+
+from nudgeflow.engine.errors import JourneyFileErrors
+from nudgeflow.engine.io import Event
+from nudgeflow.engine.loader import load_texts
+from nudgeflow.engine.simulate import Simulator
+from tests.unit.journeys import T0, H, M
+
+CART_PUSH = """\
+journey: cart-push
+name: Cart push
+entry: {event: add_to_cart, while_active: restart}
+goal: {event: charged, where: {cart_id: "{{ trigger.cart_id }}"}, within: 2h, exit: false}
+steps:
+  bought_it:
+    wait_for: charged
+    where: {cart_id: "{{ trigger.cart_id }}"}
+    timeout: 30m
+    on_timeout: push
+    next: end
+  push: {send: push, title: "Still want cart {{ trigger.cart_id }}?"}
+"""
+
+
+def sim(**docs: str) -> Simulator:
+    return Simulator(load_texts({f"{k}.yaml": v for k, v in docs.items()}))
+
+
+def test_a_wait_keyed_to_the_trigger_matches_only_that_cart() -> None:
+    s = sim(cart=CART_PUSH)
+    # u1 adds cart C and buys exactly C: no push; u2 adds C, buys another cart D: pushed about C
+    s.feed(Event("u1", "add_to_cart", T0, {"cart_id": "C"}))
+    s.feed(Event("u1", "charged", T0 + 5 * M, {"cart_id": "C"}))
+    s.feed(Event("u2", "add_to_cart", T0, {"cart_id": "C"}))
+    s.feed(Event("u2", "charged", T0 + 5 * M, {"cart_id": "D"}))
+    s.run_until(T0 + 3 * H)
+    assert [(r.user_id, r.content["title"]) for r in s.sends] == [("u2", "Still want cart C?")]
+    assert [c.detail for c in s.counts("step")] == ["bought_it:performed", "bought_it:timed_out"]
+    assert len(s.counts("converted")) == 1  # u1's purchase of C is the goal; u2's of D is not
+
+
+def test_a_keyed_wait_sees_the_purchase_processed_before_the_add_to_cart() -> None:
+    # topics arrive out of order: the charged event (later in time) is processed first
+    s = sim(cart=CART_PUSH)
+    s.feed(Event("u1", "charged", T0 + 5 * M, {"cart_id": "C"}))
+    s.feed(Event("u1", "add_to_cart", T0, {"cart_id": "C"}))
+    s.feed(Event("u2", "charged", T0 + 5 * M, {"cart_id": "X"}))
+    s.feed(Event("u2", "add_to_cart", T0, {"cart_id": "C"}))
+    s.run_until(T0 + 3 * H)
+    assert [r.user_id for r in s.sends] == ["u2"]
+
+
+def test_a_keyed_exit_and_a_keyed_goal_after_exit() -> None:
+    doc = """\
+journey: booking
+name: Booking reminder
+entry: {event: booking_started}
+goal: {event: booking_paid, where: {booking: {eq: "{{ trigger.booking }}"}}, within: 1d}
+exit_when: [{event: booking_cancelled, where: {booking: "{{ trigger.booking }}"}}]
+steps:
+  w: {wait: 1h}
+  remind: {send: push, title: "Finish booking {{ trigger.booking }}"}
+"""
+    s = sim(booking=doc)
+    s.feed(Event("u1", "booking_started", T0, {"booking": "B1"}))
+    s.feed(Event("u1", "booking_cancelled", T0 + M, {"booking": "B9"}))  # another booking: stays
+    s.feed(Event("u2", "booking_started", T0, {"booking": "B2"}))
+    s.feed(Event("u2", "booking_cancelled", T0 + M, {"booking": "B2"}))  # this one: leaves
+    s.run_until(T0 + 2 * H)
+    assert [r.user_id for r in s.sends] == ["u1"]
+    s.feed(Event("u1", "booking_paid", T0 + 3 * H, {"booking": "B7"}))  # not the booking reminded of
+    s.feed(Event("u1", "booking_paid", T0 + 4 * H, {"booking": "B1"}))  # after the journey ended
+    assert [(c.journey, c.detail) for c in s.counts("converted")] == [("booking", "after_exit")]
+
+
+@pytest.mark.parametrize(
+    "where",
+    [
+        '{cart_id: "{{ trigger.cart_id | upper }}"}',
+        '{any: [{cart_id: "{{ trigger.cart_id }}"}]}',
+        '{cart_id: {ne: "{{ trigger.cart_id }}"}}',
+        '{cart_id: {in: ["{{ trigger.cart_id }}"]}}',
+        '{cart_id: "cart-{{ trigger.cart_id }}"}',
+    ],
+)
+def test_template_text_that_would_be_compared_literally_is_refused(where: str) -> None:
+    doc = CART_PUSH.replace('where: {cart_id: "{{ trigger.cart_id }}"}\n    timeout', f"where: {where}\n    timeout")
+    assert doc != CART_PUSH
+    with pytest.raises(JourneyFileErrors) as e:
+        load_texts({"cart.yaml": doc})
+    assert "compared as literal text" in str(e.value) and "steps.bought_it.where" in str(e.value)
+
+
+def test_an_entry_filter_with_template_text_is_refused() -> None:
+    doc = CART_PUSH.replace("entry: {event: add_to_cart,", 'entry: {event: add_to_cart, where: {c: "{{ trigger.c }}"},')
+    with pytest.raises(JourneyFileErrors, match="compared as literal text"):
+        load_texts({"cart.yaml": doc})
