@@ -64,11 +64,13 @@ def compile_segments(raw: Mapping[str, Any], reg: CounterRegistry) -> tuple[dict
     model = _validate(s.SegmentsFile, raw, ())
     names = set(model.segments)
     out = {}
+    start = len(reg.windows)
     for name, spec in model.segments.items():
         try:
             out[name] = compile_condition(spec, reg, names)
         except SpecError as e:
             errors.append(CompileError(("segments", name, *e.path), e.problem))
+    reg.segment_windows.update(reg.windows[start:])
     return out, errors
 
 

@@ -119,7 +119,19 @@ class _Run:
     that mypy checks for exhaustiveness, so a new kind cannot be forgotten silently.
     """
 
-    __slots__ = ("count", "event_props", "js", "old_wake", "seg_before", "seg_tracking", "sink", "st", "user", "wall")
+    __slots__ = (
+        "count",
+        "event_props",
+        "js",
+        "old_wake",
+        "seg_before",
+        "seg_dirty",
+        "seg_tracking",
+        "sink",
+        "st",
+        "user",
+        "wall",
+    )
 
     def __init__(self, st: UserState, user: str, js: g.JourneySet, sink: Sink) -> None:
         self.old_wake = next_wake(st)
@@ -130,6 +142,7 @@ class _Run:
         # lazily, at the first such change): None while nothing that segments read has changed
         self.seg_before: dict[str, bool] | None = None
         self.seg_tracking = False  # on while an event or a profile update is applied
+        self.seg_dirty = False  # a segment window's history changed: find the next window edge
         self.wall: int | None = None  # processing time (the worker), or None (simulate: virtual)
 
     # --- inputs ---------------------------------------------------------------------------
@@ -165,6 +178,8 @@ class _Run:
             clock = st["clock"]
             for jid in [j for j, d in attribution.items() if d["until"] < clock]:
                 del attribution[jid]
+        if self.seg_dirty:
+            self.next_segment_edge(st["clock"])
         new = next_wake(st)
         if new != self.old_wake:
             self.sink.timer(self.user, self.old_wake, new)
@@ -179,6 +194,8 @@ class _Run:
             for c in counters:
                 if c.where(props):
                     self.touch_segments(t)
+                    if c.id in js.window_counters:
+                        self.seg_dirty = True
                     if c.keys:
                         self.remember_values(c.id, ev.ts, [get_path(props, k) for k in c.keys])
                     else:
@@ -315,6 +332,28 @@ class _Run:
                 e.segment_left and before[e.segment_left] and not after[e.segment_left]
             ):
                 self.try_enter(j, t, {}, None)
+
+    def next_segment_edge(self, after: int) -> None:
+        """Set `seg_wake` to the first moment after `after` when an event leaves the window of a
+        segment's `has_done ... within` (membership may change then without any new input)."""
+        self.seg_dirty = False
+        history, edge = self.st["history"], None
+        for cid, within in self.js.segment_windows:
+            for ts in history.get(cid, ()):
+                e = ts + within + 1  # counted while now - within <= ts
+                if e > after:
+                    edge = e if edge is None or e < edge else edge
+                    break
+        if edge is None:
+            self.st.pop("seg_wake", None)  # type: ignore[misc]
+        else:
+            self.st["seg_wake"] = edge
+
+    def segment_edge(self, t: int) -> None:
+        """A window edge came: enter the journeys whose segment membership flipped with it."""
+        self.seg_before = self.segments_now(t - 1)
+        self.segment_entries(t)
+        self.next_segment_edge(t)
 
     def in_segment(self, name: str, t: int, inst: Instance | None = None) -> bool:
         cond = self.js.segments.get(name)
@@ -503,9 +542,12 @@ class _Run:
 
     def advance(self, until: int) -> None:
         """Run every instance whose wake time is <= until, earliest first, each at its own due time."""
-        instances = self.st["instances"]
-        while instances:
+        st = self.st
+        instances = st["instances"]
+        while instances or "seg_wake" in st:
             first: tuple[int, str] | None = None
+            if (w := st.get("seg_wake")) is not None and w <= until:
+                first = (w, "")  # before any instance due at the same time: entries see it
             for jid, i in instances.items():
                 w = i["wake"]
                 if w is not None and w <= until and (first is None or (w, jid) < first):
@@ -513,6 +555,9 @@ class _Run:
             if first is None:
                 return
             wake, jid = first
+            if not jid:
+                self.segment_edge(wake)
+                continue
             j = self.journey_of(jid, wake)
             if j is not None:
                 self.wake(j, wake)

@@ -103,4 +103,4 @@ def compile_documents(
         journeys[j.id] = j
     if errors:
         raise JourneyFileErrors(errors)
-    return JourneySet(journeys, segments, reg.counters(), tuple(caps))
+    return JourneySet(journeys, segments, reg.counters(), tuple(caps), tuple(sorted(reg.segment_windows)))

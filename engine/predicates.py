@@ -283,6 +283,9 @@ class CounterRegistry:
 
     def __init__(self) -> None:
         self.specs: dict[str, tuple[str, Filter, int | None, int, tuple[str, ...]]] = {}
+        # (counter, window) of every `has_done ... within`: where membership changes with time alone
+        self.windows: list[tuple[str, int]] = []
+        self.segment_windows: set[tuple[str, int]] = set()  # the windows segments use
 
     def need(self, event: str, where: Any, keep_ms: int | None, keep_n: int, keys: tuple[str, ...] = ()) -> str:
         cid = counter_id(event, where if not keys else {"where": where, "keys": list(keys)})
@@ -370,6 +373,8 @@ def _has_done(spec: Mapping[str, Any], reg: CounterRegistry) -> Cond:
     if need > MAX_HISTORY:
         raise SpecError(("at_least",), f"counts above {MAX_HISTORY - 1} are not kept per user")
     cid = reg.need(event, spec.get("where") or {}, within, need)
+    if within is not None:
+        reg.windows.append((cid, within))
     lo, hi = at_least, at_most
 
     def check(c: EvalContext) -> bool:

@@ -53,6 +53,7 @@ class UserState(TypedDict):
     profile: dict[str, Any]  # profile attributes (from user_profiles and update steps)
     history: dict[str, list[int]]  # counter id -> sorted event times the conditions need
     seen: NotRequired[dict[str, list[list[Any]]]]  # keyed rule id -> [time, *values] (keyed waits, goals)
+    seg_wake: NotRequired[int]  # when an event ages out of a segment's window (time-driven segments)
     sent: NotRequired[list[tuple[int, str]]]  # (time, channel) of marketing sends the frequency caps need
 
 
@@ -64,6 +65,7 @@ def next_wake(state: UserState | None) -> int | None:
     """The earliest time any of this user's instances must run, or None."""
     first = None
     if state:
+        first = state.get("seg_wake")
         for i in state["instances"].values():
             w = i["wake"]
             if w is not None and (first is None or w < first):
@@ -81,5 +83,6 @@ def clone(s: UserState) -> UserState:
         "profile": dict(s["profile"]),
         "history": {k: list(v) for k, v in s["history"].items()},
         **({"sent": list(s["sent"])} if "sent" in s else {}),  # type: ignore[typeddict-item]
+        **({"seg_wake": s["seg_wake"]} if "seg_wake" in s else {}),  # type: ignore[typeddict-item]
         **({"seen": {k: list(v) for k, v in s["seen"].items()}} if "seen" in s else {}),  # type: ignore[typeddict-item]
     }

@@ -9,7 +9,7 @@ from nudgeflow.engine.errors import JourneyFileErrors
 from nudgeflow.engine.io import Event
 from nudgeflow.engine.loader import load_texts
 from nudgeflow.engine.simulate import Simulator
-from tests.unit.journeys import T0, H, M
+from tests.unit.journeys import T0, D, H, M
 
 CART_PUSH = """\
 journey: cart-push
@@ -100,3 +100,39 @@ def test_an_entry_filter_with_template_text_is_refused() -> None:
     doc = CART_PUSH.replace("entry: {event: add_to_cart,", 'entry: {event: add_to_cart, where: {c: "{{ trigger.c }}"},')
     with pytest.raises(JourneyFileErrors, match="compared as literal text"):
         load_texts({"cart.yaml": doc})
+
+
+SEGMENTS = """\
+segments:
+  lapsed: {not: {has_done: login, within: 30d}}
+  one_time_buyer: {has_done: charged, within: 365d, at_least: 1, at_most: 1}
+"""
+WINBACK = """\
+journey: winback
+name: We miss you
+entry: {segment_entered: lapsed}
+steps:
+  miss_you: {send: email, subject: "We miss you"}
+"""
+AGED_OUT = """\
+journey: aged-out
+name: Last purchase over a year ago
+entry: {segment_left: one_time_buyer}
+steps:
+  come_back: {send: email, subject: "It has been a year"}
+"""
+
+
+def test_time_driven_segments_change_without_new_input() -> None:
+    s = sim(segments=SEGMENTS, winback=WINBACK, aged=AGED_OUT)
+    s.feed(Event("u1", "login", T0))
+    s.feed(Event("u1", "login", T0 + 10 * D))  # the 30 days count from here
+    s.feed(Event("u2", "charged", T0))
+    s.feed(Event("u2", "login", T0 + 100 * D))
+    s.run_until(T0 + 400 * D)  # nothing else happens: only time passes
+    got = [(r.user_id, r.content["subject"], (r.created_at - T0) // D) for r in s.sends]
+    assert got == [
+        ("u1", "We miss you", 40),  # 30 days after the last login (u2 was never "not lapsed" before day 100)
+        ("u2", "We miss you", 130),
+        ("u2", "It has been a year", 365),
+    ]

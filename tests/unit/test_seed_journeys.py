@@ -220,7 +220,7 @@ def test_a_call_made_while_catching_up_times_out_in_processing_time() -> None:
     so the timeout counts from there and the answer is used (not timed out at once)."""
     from nudgeflow.engine.core import EffectList, apply
     from nudgeflow.engine.io import SendRequest
-    from nudgeflow.engine.state import new_state, next_wake
+    from nudgeflow.engine.state import new_state
 
     js = seeds("segments.yaml", "webengage-rfm-one-time-buyers.yaml")
     st, wall = new_state(), T0 + 3 * H  # the events are three hours old
@@ -232,6 +232,7 @@ def test_a_call_made_while_catching_up_times_out_in_processing_time() -> None:
     ):
         apply(st, inp, inp.ts, js, sink, wall)
     (call,) = [f for f in sink.effects if isinstance(f, CallRequest)]
-    assert next_wake(st) == wall + 30_000  # not T0 + 30 s: that would be due at once
+    (inst,) = st["instances"].values()
+    assert inst["wake"] == wall + 30_000  # not T0 + 30 s: that would be due at once
     apply(st, CallResult("priya", call.key, True, {"items": [{"name": "Term Life", "url": "u"}]}), wall + 500, js, sink)
     assert [s.channel for s in sink.effects if isinstance(s, SendRequest)] == ["email"]
