@@ -24,6 +24,7 @@ from nudgeflow.agents.align import Aligner
 from nudgeflow.agents.batch import BatchCore
 from nudgeflow.agents.framework import TableManager
 from nudgeflow.agents.inputs import InputReader
+from nudgeflow.agents.members import MemberScanner
 from nudgeflow.agents.output import Output
 from nudgeflow.agents.pipeline import Pipeline, PipelineConfig
 from nudgeflow.agents.restore import RestoreError
@@ -143,6 +144,7 @@ def build_app(settings: Settings, journeys: JourneySet) -> tuple[faust.App, Pipe
             app_id=s.app_id,
             owners_topic=owners_topic(s.app_id),
         ),
+        members=MemberScanner(store, journeys, s.member_scan_rate),
         loop=app.loop,
     )
     app.add_dependency(pipeline)

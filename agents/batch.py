@@ -44,6 +44,7 @@ from nudgeflow.engine.io import (
     Event,
     Feedback,
     Input,
+    MemberCheck,
     ProfileChanged,
     ProfileUpdate,
     SendRequest,
@@ -393,7 +394,7 @@ class BatchCore:
                 return inp, inp.ts
             case Feedback() | CallResult():
                 return inp, kafka_ts(m) or now_ms
-            case Tick():
+            case Tick() | MemberCheck():  # in-process inputs: never on a topic
                 return inp, now_ms
             case _:
                 assert_never(inp)

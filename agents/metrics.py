@@ -51,6 +51,14 @@ EXPERIMENT = Counter(
     "Users per split arm (control included): entered the arm, and converted after it",
     ["journey", "split", "arm", "outcome"],
 )
+MEMBER_SCAN = Counter(
+    "nudgeflow_member_scan_users_total",
+    "Current-members scans (entry: include_current_members): users checked, and admitted into the journey",
+    ["journey", "outcome"],
+)
+MEMBER_SCANS_RUNNING = Gauge(
+    "nudgeflow_member_scans_running", "Current-members scans not finished, per journey (partitions left)", ["journey"]
+)
 CAPPED = Counter("nudgeflow_sends_capped_total", "Marketing sends skipped by a frequency cap", ["journey", "step"])
 REBALANCES = Counter("nudgeflow_rebalances_total", "Partition assignments this worker went through")
 ASSIGNED = Gauge("nudgeflow_assigned_partitions", "State partitions this worker owns now")
@@ -147,5 +155,7 @@ def count_many(counts: Mapping[tuple[CountKind, str, str], int]) -> None:
                 CAPPED.labels(journey, detail).inc(n)
             case "template_error":
                 TEMPLATE_ERRORS.labels(journey, detail).inc(n)
+            case "admitted":
+                MEMBER_SCAN.labels(journey, "admitted").inc(n)
             case _:
                 assert_never(kind)

@@ -38,12 +38,13 @@ from nudgeflow.agents.align import Aligner
 from nudgeflow.agents.batch import BatchCore, BatchOutput, Item
 from nudgeflow.agents.inputs import InputReader
 from nudgeflow.agents.keys import position_key
+from nudgeflow.agents.members import MemberScanner
 from nudgeflow.agents.output import DeliveryError, Output
 from nudgeflow.agents.owners import GEN_HEADER, claim, read_owners, tainted
 from nudgeflow.agents.restore import restore_partitions
 from nudgeflow.agents.store import StateStore
 from nudgeflow.agents.timers import TimerScanner
-from nudgeflow.engine.io import Tick
+from nudgeflow.engine.io import MemberCheck, Tick
 from nudgeflow.streams.topics import Topics
 
 log = logging.getLogger("nudgeflow.worker")
@@ -74,11 +75,13 @@ class Pipeline(Service):
         topics: Topics,
         changelog: str,
         cfg: PipelineConfig,
+        members: MemberScanner | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.core, self.store, self.reader, self.output = core, store, reader, output
         self.scanner, self.aligner, self.topics, self.changelog, self.cfg = scanner, aligner, topics, changelog, cfg
+        self.members = members
         self.inputs = [*topics.user_inputs, topics.feedback]  # read by this loop (ticks: Faust's)
         self.partitions: list[int] = []
         self.ready = False  # partitions assigned and restored
@@ -120,6 +123,8 @@ class Pipeline(Service):
         self.aligner.reset()
         self.core.forget()
         self.scanner.revoke(set(self.scanner.partitions))
+        if self.members is not None:
+            self.members.revoke(set(self.members.cursor))
 
     async def assign(self, partitions: Sequence[int]) -> None:
         """Faust assigned these partitions: restore them, seek the inputs, start."""
@@ -175,6 +180,8 @@ class Pipeline(Service):
         positions.update(stored)
         self.reader.assign(positions)
         self.scanner.assign(set(partitions))
+        if self.members is not None:
+            self.members.assign(set(partitions))
         self.partitions = sorted(partitions)
         self._assigned_at = time.time()
         metrics.RESTORE_SECONDS.set(time.monotonic() - t0)
@@ -277,13 +284,19 @@ class Pipeline(Service):
         reader.pause(pause)
         reader.resume(resume)
         now = time.time()
+        scan_writes: dict[int, list[tuple[bytes, bytes | None]]] = {}
         if now - self._last_scan >= cfg.timer_interval_ms / 1000:
             self._last_scan = now
             ready += self._due_ticks(now)
+            if self.members is not None and self.members.active:
+                checks, scan_writes = self.members.collect(int(now * 1000), aligner.gate)
+                ready += [Item(self.topics.ticks, p, -1, MemberCheck(u, jid), at) for p, u, jid, at in checks]
         if now - self._last_lag >= 1.0:
             self._last_lag = now
             self._consumer_lag()
         self.core.apply(ready, self.store, out)
+        for p, cursor in scan_writes.items():  # durable with the checks they made
+            out.writes.setdefault(p, []).extend(cursor)
         self._positions(out)
         await self._settle()
         if self._pause:

@@ -126,6 +126,10 @@ def compile_journey(raw: Any, file: str, reg: CounterRegistry, segments: set[str
     for i, seg in enumerate(e.audience):
         if seg not in segments:
             errors.append(CompileError(("entry", "audience", i), f"unknown segment '{seg}'"))
+    if e.include_current_members and not e.segment_entered:
+        errors.append(
+            CompileError(("entry", "include_current_members"), "include_current_members needs entry: segment_entered")
+        )
     if e.eligibility == "once" and (e.lock or e.cap):
         errors.append(CompileError(("entry", "eligibility"), "lock and cap only apply to eligibility: multiple"))
     entry = g.Entry(
@@ -143,6 +147,7 @@ def compile_journey(raw: Any, file: str, reg: CounterRegistry, segments: set[str
         restart=e.while_active == "restart",
         starts_at=datetime_to_ms(e.starts_at) if e.starts_at else None,
         ends_at=datetime_to_ms(e.ends_at) if e.ends_at else None,
+        include_current_members=e.include_current_members,
     )
     goal = None
     if jf.goal:

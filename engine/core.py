@@ -42,6 +42,7 @@ from nudgeflow.engine.io import (
     Event,
     Feedback,
     Input,
+    MemberCheck,
     ProfileChanged,
     ProfileUpdate,
     Result,
@@ -162,6 +163,8 @@ class _Run:
                 self.on_call_result(inp, now)
             case Feedback():
                 self.on_feedback(inp)
+            case MemberCheck():
+                self.on_member_check(inp, now)
             case Tick():
                 pass  # advance() above ran everything due
             case _:
@@ -281,6 +284,23 @@ class _Run:
             self.count("skipped", j.id, "not_enrollable")
         else:  # counted, not dropped silently (the journey label stays bounded: empty)
             self.count("skipped", "", "unknown_journey")
+
+    def on_member_check(self, inp: MemberCheck, t: int) -> None:
+        """Admit a current member of the segment of a journey that just activated, once per
+        activation (version and digest): a scan repeated after a restart admits nobody twice."""
+        j, st = self.js.journeys.get(inp.journey), self.st
+        if j is None or not j.entry.include_current_members or j.entry.segment_entered is None:
+            return
+        hist = st["entries"].get(j.id)
+        if hist is not None and hist.get("members") == j.activation:
+            return
+        if not self.in_segment(j.entry.segment_entered, t):
+            return
+        self.count("admitted", j.id, "member")
+        self.try_enter(j, t, {}, None)
+        hist = st["entries"].get(j.id)
+        if hist is not None and hist["times"] and hist["times"][-1] == t:
+            hist["members"] = j.activation
 
     def on_feedback(self, inp: Feedback) -> None:
         profile, status = self.st["profile"], inp.status

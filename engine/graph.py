@@ -143,6 +143,7 @@ class Entry:
     restart: bool = False
     starts_at: int | None = None
     ends_at: int | None = None
+    include_current_members: bool = False  # segment_entered: admit the segment's members at activation
     # no schedule, audience, eligibility, lock or cap: only "already in the journey" can refuse
     open: bool = field(init=False)
 
@@ -174,12 +175,14 @@ class Journey:
     category: str = "marketing"  # marketing | transactional (exempt from frequency caps)
     when_capped: str = "skip"  # skip | delay
     listens: frozenset[str] = field(init=False)  # events that matter to a user in it: goal, exits, wait_for
+    activation: str = field(init=False)  # "<version>:<digest>": a current-members scan runs once per value
 
     def __post_init__(self) -> None:
         names = {r.event for r in self.exits} | {n.event for n in self.steps.values() if isinstance(n, WaitFor)}
         if self.goal is not None:
             names.add(self.goal.rule.event)
         object.__setattr__(self, "listens", frozenset(names))
+        object.__setattr__(self, "activation", f"{self.version}:{self.digest}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,4 +224,6 @@ class JourneySet:
         object.__setattr__(self, "segment_triggered", seg)
         object.__setattr__(self, "watched", frozenset(watched))
         object.__setattr__(self, "timed_segments", bool(seg and self.segment_windows))
-        object.__setattr__(self, "window_counters", frozenset(c for c, _ in self.segment_windows) if seg else frozenset())
+        object.__setattr__(
+            self, "window_counters", frozenset(c for c, _ in self.segment_windows) if seg else frozenset()
+        )

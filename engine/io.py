@@ -79,7 +79,16 @@ FEEDBACK_STATUSES = frozenset(
 )
 
 
-Input = Event | Tick | ProfileUpdate | Enroll | CallResult | Feedback
+@dataclass(slots=True)
+class MemberCheck:
+    """A journey with `include_current_members` activated: enter this user now if they are in its
+    segment (the worker's paced scan of its users, `simulate` at the journey's starts_at)."""
+
+    user_id: str
+    journey: str
+
+
+Input = Event | Tick | ProfileUpdate | Enroll | CallResult | Feedback | MemberCheck
 
 
 @dataclass(slots=True)
@@ -132,6 +141,7 @@ CountKind = Literal[
     "feedback",
     "capped",
     "experiment",
+    "admitted",
 ]
 
 

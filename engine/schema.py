@@ -85,6 +85,11 @@ class Entry(Model):
     )
     starts_at: dt.datetime | None = None
     ends_at: dt.datetime | None = None
+    include_current_members: bool = Field(
+        False,
+        description="segment_entered: when the journey (or a new version) activates, users already in the "
+        "segment enter too (the worker scans its users; simulate at starts_at)",
+    )
 
 
 class Goal(Model):

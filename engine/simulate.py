@@ -22,6 +22,7 @@ from nudgeflow.engine.io import (
     Enroll,
     Event,
     Input,
+    MemberCheck,
     ProfileUpdate,
     SendRequest,
     Tick,
@@ -47,6 +48,15 @@ class Simulator:
     answer: Callable[[CallRequest], CallResult | None] | None = None
     unanswered: Tally[tuple[str, str]] = field(default_factory=Tally)
     _timers: list[tuple[int, str]] = field(default_factory=list)
+    # (starts_at, journey) of include_current_members journeys: every user known then is checked
+    _activations: list[tuple[int, str]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._activations = sorted(
+            (j.entry.starts_at, j.id)
+            for j in self.journeys.journeys.values()
+            if j.entry.include_current_members and j.entry.starts_at is not None and j.status == "active"
+        )
 
     def feed(self, inp: Input, at: int | None = None) -> list[Effect]:
         """Apply one input at `at` (default: its own time) after firing every timer due by then."""
@@ -59,13 +69,21 @@ class Simulator:
             self.feed(inp)
 
     def run_until(self, t: int) -> None:
-        """Fire every timer due at or before t."""
+        """Fire every timer due at or before t (and admit current members at an activation)."""
+        while self._activations and self._activations[0][0] <= t:
+            at, jid = self._activations.pop(0)
+            self._fire(at)
+            for user in sorted(self.states):  # what the worker's scan of its users does
+                self._apply(MemberCheck(user, jid), at)
+        self._fire(t)
+        self.clock = max(self.clock, t)
+
+    def _fire(self, t: int) -> None:
         while self._timers and self._timers[0][0] <= t:
             due, user = heapq.heappop(self._timers)
             if next_wake(self.states.get(user)) != due:
                 continue  # stale: the user's wake-up moved since this was scheduled
             self._apply(Tick(user), due)
-        self.clock = max(self.clock, t)
 
     def _apply(self, inp: Input, t: int) -> list[Effect]:
         res = process(self.states.get(inp.user_id), inp, t, self.journeys)

@@ -43,6 +43,7 @@ class EntryHistory(TypedDict):
 
     count: int
     times: list[int]  # the latest entry times, as many as the entry cap needs
+    members: NotRequired[str]  # the journey activation that admitted the user as a current member
 
 
 class UserState(TypedDict):

@@ -31,6 +31,8 @@ class _Env(ImmutableSandboxedEnvironment):
 
 
 ROOTS = frozenset({"trigger", "event", "profile", "vars", "user", "journey", "now"})
+
+
 class _Missing(Undefined):
     """A value the user's data lacks. Printing it is an error, so the message is not sent ("Hi ,
     your order" never reaches a customer); testing it is not: `{% if profile.vip %}` is false and

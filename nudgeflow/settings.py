@@ -85,6 +85,9 @@ class Settings(BaseSettings):
     timer_interval_ms: int = Field(50, ge=10, description="how often due timers are scanned")
     timer_grace_ms: int = Field(0, ge=0, description="fire timers this long after due (late events)")
     timer_fire_limit: int = Field(2000, ge=1, description="max ticks per partition per scan")
+    member_scan_rate: int = Field(
+        2000, ge=1, description="users per second checked by a current-members scan (include_current_members)"
+    )
     session_timeout_s: float = Field(10.0, description="consumer group session timeout")
     heartbeat_s: float = Field(2.0)
     rebalance_timeout_s: float = Field(10.0)

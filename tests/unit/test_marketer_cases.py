@@ -136,3 +136,56 @@ def test_time_driven_segments_change_without_new_input() -> None:
         ("u2", "We miss you", 130),
         ("u2", "It has been a year", 365),
     ]
+
+
+INSURANCE = """\
+segments:
+  one_time_buyer: {has_done: charged, within: 365d, at_least: 1, at_most: 1}
+  insurance_browser: {has_done: page_viewed, where: {page_category: Insurance}, within: 180d}
+  one_time_insurance_browser: {all: [{in_segment: one_time_buyer}, {in_segment: insurance_browser}]}
+"""
+RECOMMEND = """\
+journey: recommend
+name: Insurance recommendations for one-time buyers
+entry:
+  segment_entered: one_time_insurance_browser
+  include_current_members: true
+  starts_at: 2026-03-01T00:00:00Z
+steps:
+  recommend: {send: email, subject: "Insurance picked for you"}
+"""
+
+
+def test_current_members_enter_when_the_journey_starts() -> None:
+    s = sim(segments=INSURANCE, recommend=RECOMMEND)
+    s.feed(Event("u1", "charged", T0 - 200 * D))  # a member long before the start
+    s.feed(Event("u1", "page_viewed", T0 + 10 * D, {"page_category": "Insurance"}))
+    s.feed(Event("u2", "charged", T0))  # bought, but browsed nothing: not a member
+    s.feed(Event("u3", "charged", T0 + 80 * D))  # becomes a member after the start: the usual way
+    s.feed(Event("u3", "page_viewed", T0 + 81 * D, {"page_category": "Insurance"}))
+    s.run_until(T0 + 100 * D)
+    assert [(r.user_id, (r.created_at - T0) // D) for r in s.sends] == [("u1", 59), ("u3", 81)]
+    assert len(s.counts("admitted")) == 1
+
+
+def test_current_members_are_admitted_once_per_activation() -> None:
+    from nudgeflow.engine.core import process
+    from nudgeflow.engine.io import MemberCheck
+
+    js = load_texts(
+        {"segments.yaml": INSURANCE, "recommend.yaml": RECOMMEND.replace("  starts_at: 2026-03-01T00:00:00Z\n", "")}
+    )
+    st = process(None, Event("u1", "charged", T0), T0, js).state
+    st = process(st, Event("u1", "page_viewed", T0, {"page_category": "Insurance"}), T0, js).state
+    st["instances"].clear()  # the flip entered u1; say the journey was added after it
+    st["entries"].clear()
+    first = process(st, MemberCheck("u1", "recommend"), T0 + H, js)
+    again = process(first.state, MemberCheck("u1", "recommend"), T0 + 2 * H, js)  # the scan repeated
+    sends = [fx for fx in first.effects + again.effects if type(fx).__name__ == "SendRequest"]
+    assert len(sends) == 1
+
+
+def test_include_current_members_needs_a_segment_entry() -> None:
+    doc = RECOMMEND.replace("segment_entered: one_time_insurance_browser", "event: charged")
+    with pytest.raises(JourneyFileErrors, match="include_current_members needs entry: segment_entered"):
+        load_texts({"segments.yaml": INSURANCE, "recommend.yaml": doc})
