@@ -365,7 +365,7 @@ class _Run:
                     edge = e if edge is None or e < edge else edge
                     break
         if edge is None:
-            self.st.pop("seg_wake", None)  # type: ignore[misc]
+            self.st.pop("seg_wake", None)
         else:
             self.st["seg_wake"] = edge
 

@@ -202,7 +202,6 @@ class JourneySet:
     caps: tuple[Cap, ...] = ()  # frequency caps of marketing sends, per user
     # (counter, window) pairs segments count within: membership can change when an event ages out
     segment_windows: tuple[tuple[str, int], ...] = ()
-    timed_segments: bool = field(init=False)  # segment entries that time alone can trigger
     window_counters: frozenset[str] = field(init=False)
     by_trigger: Mapping[str, tuple[Journey, ...]] = field(init=False)
     counters_by_event: Mapping[str, tuple[Counter, ...]] = field(init=False)
@@ -223,7 +222,6 @@ class JourneySet:
         object.__setattr__(self, "counters_by_event", {k: tuple(v) for k, v in by_event.items()})
         object.__setattr__(self, "segment_triggered", seg)
         object.__setattr__(self, "watched", frozenset(watched))
-        object.__setattr__(self, "timed_segments", bool(seg and self.segment_windows))
         object.__setattr__(
             self, "window_counters", frozenset(c for c, _ in self.segment_windows) if seg else frozenset()
         )
