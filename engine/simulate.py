@@ -47,6 +47,10 @@ class Simulator:
     # out, which `unanswered` counts per (journey, step) so reports can say so
     answer: Callable[[CallRequest], CallResult | None] | None = None
     unanswered: Tally[tuple[str, str]] = field(default_factory=Tally)
+    # every effect as (time, user, effect), as it happens (streaming reports); `keep_log=False`
+    # keeps `log` empty, so memory does not grow with the input (nudgeflow simulate)
+    listener: Callable[[int, str, Effect], None] | None = None
+    keep_log: bool = True
     _timers: list[tuple[int, str]] = field(default_factory=list)
     # (starts_at, journey) of include_current_members journeys: every user known then is checked
     _activations: list[tuple[int, str]] = field(default_factory=list)
@@ -90,8 +94,12 @@ class Simulator:
         if res.changed:
             self.states[inp.user_id] = res.state
         answers = []
+        listener, user = self.listener, inp.user_id
         for fx in res.effects:
-            self.log.append((t, fx))
+            if self.keep_log:
+                self.log.append((t, fx))
+            if listener is not None:
+                listener(t, user, fx)
             if isinstance(fx, TimerSet):
                 heapq.heappush(self._timers, (fx.due, fx.user_id))
             elif isinstance(fx, CallRequest):

@@ -38,3 +38,9 @@ def iso_to_ms(v: Any) -> int | None:
         d = parse_iso(v)
         return None if d is None else datetime_to_ms(d)
     return None
+
+
+def ms_to_iso(ms: int) -> str:
+    """Epoch milliseconds as ISO-8601 UTC text (milliseconds shown only when there are any)."""
+    d = dt.datetime.fromtimestamp(ms / 1000, dt.UTC)
+    return d.isoformat(timespec="milliseconds" if ms % 1000 else "seconds").replace("+00:00", "Z")

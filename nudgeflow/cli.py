@@ -276,8 +276,10 @@ def simulate(
     calls: Annotated[
         Path | None, typer.Option(help="answers for call steps: JSON lines {url: regex, body: {...} | error: why}")
     ] = None,
+    trace_user: Annotated[str | None, typer.Option(help="print this user's path as it happens (stderr)")] = None,
 ) -> None:
-    """Dry run: journeys over an events file on a virtual clock; sends and a per-step summary."""
+    """Dry run: journeys over an events file on a virtual clock; sends and a per-step summary.
+    The files are streamed (memory grows with users, not events); progress shows on a terminal."""
     from nudgeflow import simulate as sim_cmd
     from nudgeflow.engine.loader import load_journeys
 
@@ -289,9 +291,16 @@ def simulate(
         raise typer.Exit(2) from None
 
     def go() -> None:
-        inputs, bad = sim_cmd.read_inputs(events, profiles, sys.stderr)
+        for path in (events, profiles, calls):
+            if path is not None and not path.is_file():
+                raise ConfigError(f"{path}: no such file")
+        files = sim_cmd.InputFiles(events, profiles, sys.stderr)
         answer = sim_cmd.canned_answers(calls) if calls else None
-        sim_cmd.write(sim_cmd.simulate(js, inputs, until_ms, answer), out, bad)
+        if not sys.stderr.isatty():
+            sim_cmd.run(js, files, until_ms, out, answer, trace_user)
+            return
+        with typer.progressbar(length=files.size, label="simulating", file=sys.stderr) as bar:
+            sim_cmd.run(js, files, until_ms, out, answer, trace_user, progress=bar.update)
 
     _guard(go)
 

@@ -3,6 +3,10 @@ timeline of events, and the sends (or output) they expect."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+import orjson
 import pytest
 
 from nudgeflow.engine.errors import JourneyFileErrors
@@ -189,3 +193,35 @@ def test_include_current_members_needs_a_segment_entry() -> None:
     doc = RECOMMEND.replace("segment_entered: one_time_insurance_browser", "event: charged")
     with pytest.raises(JourneyFileErrors, match="include_current_members needs entry: segment_entered"):
         load_texts({"segments.yaml": INSURANCE, "recommend.yaml": doc})
+
+
+def test_simulate_streams_a_file_out_of_order_and_traces_one_user(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import random
+
+    from nudgeflow.simulate import InputFiles, run
+
+    js = load_texts({"cart.yaml": CART_PUSH})
+    lines = []
+    for i in range(300):
+        u, t = f"u{i % 30}", T0 + i * M
+        lines.append({"user_id": u, "event": "add_to_cart", "ts": t, "props": {"cart_id": f"c{i}"}})
+        if i % 3 == 0:
+            lines.append({"user_id": u, "event": "charged", "ts": t + 5 * M, "props": {"cart_id": f"c{i}"}})
+    ordered = tmp_path / "ordered.jsonl"
+    ordered.write_bytes(b"".join(orjson.dumps(x) + b"\n" for x in sorted(lines, key=lambda x: x["ts"])))
+    random.Random(3).shuffle(lines)
+    shuffled = tmp_path / "shuffled.jsonl"
+    shuffled.write_bytes(b"".join(orjson.dumps(x) + b"\n" for x in lines) + b"{not json\n")
+    run(js, InputFiles(ordered, None, sys.stderr), None, tmp_path / "a")
+    capsys.readouterr()
+    run(js, InputFiles(shuffled, None, sys.stderr), None, tmp_path / "b", trace_user="u7")
+    err = capsys.readouterr().err
+    assert (tmp_path / "a" / "sends.jsonl").read_bytes() == (tmp_path / "b" / "sends.jsonl").read_bytes()
+    assert f"{shuffled}:401: " in err  # the bad line, by number, once
+    trace = [x for x in err.splitlines() if x.startswith("trace u7")]
+    assert any("cart-push: entered" in x for x in trace) and any("SEND push at step push" in x for x in trace)
+    assert not any("trace u8" in x for x in err.splitlines())
+    summary = [orjson.loads(x) for x in (tmp_path / "b" / "summary.jsonl").read_bytes().splitlines()]
+    assert [r["step"] for r in summary if r["type"] == "step"] == ["bought_it", "push"]
