@@ -369,25 +369,6 @@ def _minutes(hhmm: str) -> int | None:
     return h * 60 + m if (h < 24 and m < 60) or (h == 24 and m == 0) else None
 
 
-def _successors(n: g.Node) -> list[tuple[str, str]]:
-    """(field, target) pairs of a node."""
-    match n:
-        case g.End():
-            return []
-        case g.Branch():
-            return [("branch", t) for _, t in n.cases] + [("otherwise", n.otherwise)]
-        case g.Split():
-            return [("split", t) for _, t in n.arms]
-        case g.WaitFor():
-            return [("next", n.next), ("on_timeout", n.on_timeout)]
-        case g.Call():
-            return [("next", n.next), ("on_error", n.on_error)]
-        case g.Send() | g.Wait() | g.WaitUntil() | g.WaitWindow() | g.Update():
-            return [("next", n.next)]
-        case _:
-            assert_never(n)
-
-
 def _compile_steps(
     raw_steps: Mapping[str, Any], errors: list[CompileError], where: Any, cond: Any, reg: CounterRegistry
 ) -> dict[str, g.Node]:
@@ -424,14 +405,14 @@ def _check_graph(nodes: dict[str, g.Node], ids: list[str], complete: bool = True
     (`complete`), every step is reachable and every loop passes through a wait."""
     errors = []
     for sid, n in nodes.items():
-        for fld, target in _successors(n):
+        for fld, target in g.successors(n):
             if target != g.END and target not in ids:
                 errors.append(CompileError(("steps", sid, fld), f"'{target}' is not a step of this journey"))
     if errors or not complete:
         return errors
     seen, todo = {ids[0]}, [ids[0]]
     while todo:
-        for _, t in _successors(nodes[todo.pop()]):
+        for _, t in g.successors(nodes[todo.pop()]):
             if t != g.END and t not in seen:
                 seen.add(t)
                 todo.append(t)
@@ -442,7 +423,7 @@ def _check_graph(nodes: dict[str, g.Node], ids: list[str], complete: bool = True
 
     def visit(sid: str, trail: list[str]) -> None:
         state[sid] = 1
-        for _, t in _successors(nodes[sid]):
+        for _, t in g.successors(nodes[sid]):
             if t in instant:
                 if state.get(t) == 1:
                     loop = [*trail[trail.index(t) :], t] if t in trail else [sid, t]

@@ -57,10 +57,11 @@ from nudgeflow.engine.state import Instance, UserState, clone, new_state, next_w
 from nudgeflow.engine.templates import RenderError, render_value
 from nudgeflow.engine.timeparse import iso_to_ms
 
-__all__ = ["EffectList", "apply", "idempotency_key", "new_state", "next_wake", "process"]
+__all__ = ["EffectList", "apply", "idempotency_key", "new_state", "next_wake", "process", "segments_of"]
 
 MAX_STEPS_PER_RUN = 200
 PAUSE_RECHECK_MS = 3_600_000
+RECENT_SENDS = 10  # kept per user for `nudgeflow inspect`
 
 
 def idempotency_key(journey: str, user: str, instance: int, step: str, k: int) -> str:
@@ -89,6 +90,12 @@ def apply(st: UserState, inp: Input, now: int, js: g.JourneySet, sink: Sink, wal
     run.wall = wall
     run.apply(inp, now)
     run.finish(now)
+
+
+def segments_of(st: UserState, user: str, js: g.JourneySet, t: int) -> dict[str, bool]:
+    """Which segments the user is in at `t` (read-only: `nudgeflow inspect`)."""
+    run = _Run(clone(st), user, js, EffectList())
+    return {name: run.in_segment(name, t) for name in sorted(js.segments)}
 
 
 class EffectList:
@@ -690,6 +697,10 @@ class _Run:
             return node.next
         self.sink.emit(req)
         self.count("sent", j.id, msg.channel)
+        recent = self.st.setdefault("recent", [])  # `nudgeflow inspect`: why did this user get it
+        recent.append([t, j.id, node.id, msg.channel, key, inst["trigger_event_id"]])
+        if len(recent) > RECENT_SENDS:
+            del recent[0]
         if capped:
             self.note_sent(msg.channel, t)
         return node.next

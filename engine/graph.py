@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, assert_never
 
 from nudgeflow.engine.predicates import Cond, Counter, Filter, Ref
 from nudgeflow.engine.templates import Text
@@ -115,6 +115,25 @@ class End:
 
 Node = Send | Wait | WaitUntil | WaitWindow | WaitFor | Branch | Split | Update | Call | End
 BLOCKING = (Wait, WaitUntil, WaitWindow, WaitFor, Call)
+
+
+def successors(n: Node) -> list[tuple[str, str]]:
+    """(field, target) pairs of a node."""
+    match n:
+        case End():
+            return []
+        case Branch():
+            return [("branch", t) for _, t in n.cases] + [("otherwise", n.otherwise)]
+        case Split():
+            return [("split", t) for _, t in n.arms]
+        case WaitFor():
+            return [("next", n.next), ("on_timeout", n.on_timeout)]
+        case Call():
+            return [("next", n.next), ("on_error", n.on_error)]
+        case Send() | Wait() | WaitUntil() | WaitWindow() | Update():
+            return [("next", n.next)]
+        case _:
+            assert_never(n)
 
 
 @dataclass(frozen=True, slots=True)

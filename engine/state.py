@@ -54,6 +54,7 @@ class UserState(TypedDict):
     profile: dict[str, Any]  # profile attributes (from user_profiles and update steps)
     history: dict[str, list[int]]  # counter id -> sorted event times the conditions need
     seen: NotRequired[dict[str, list[list[Any]]]]  # keyed rule id -> [time, *values] (keyed waits, goals)
+    recent: NotRequired[list[list[Any]]]  # the last sends: [time, journey, step, channel, key, trigger event id]
     seg_wake: NotRequired[int]  # when an event ages out of a segment's window (time-driven segments)
     sent: NotRequired[list[tuple[int, str]]]  # (time, channel) of marketing sends the frequency caps need
 
@@ -85,5 +86,6 @@ def clone(s: UserState) -> UserState:
         "history": {k: list(v) for k, v in s["history"].items()},
         **({"sent": list(s["sent"])} if "sent" in s else {}),  # type: ignore[typeddict-item]
         **({"seg_wake": s["seg_wake"]} if "seg_wake" in s else {}),  # type: ignore[typeddict-item]
+        **({"recent": list(s["recent"])} if "recent" in s else {}),  # type: ignore[typeddict-item]
         **({"seen": {k: list(v) for k, v in s["seen"].items()}} if "seen" in s else {}),  # type: ignore[typeddict-item]
     }

@@ -13,7 +13,7 @@ import socket
 import subprocess
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -136,6 +136,12 @@ def _where(target: Target) -> str:
 def read_to_end(target: Target, topic: str, partitions: int, timeout: float = 120.0) -> list[Any]:
     """Every message of a topic, to each partition's end (by fetch EOF, which is right on Tansu,
     where ListOffsets(latest) is not); what was read by `timeout` if the end is not reached."""
+    return list(scan_topic(target, topic, partitions, timeout))
+
+
+def scan_topic(target: Target, topic: str, partitions: int | None = None, timeout: float = 120.0) -> Iterator[Any]:
+    """`read_to_end` one message at a time (a big topic is never held): every partition's messages
+    from the start to its end; `partitions` None: as many as the topic has."""
     c = Consumer(
         client_conf(
             target,
@@ -147,15 +153,19 @@ def read_to_end(target: Target, topic: str, partitions: int, timeout: float = 12
             },
         )
     )
-    c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(partitions)])
-    got: list[Any] = []
-    eof: set[int] = set()
-    deadline = time.monotonic() + timeout
     try:
+        if partitions is None:
+            meta = c.list_topics(topic, timeout=30).topics.get(topic)
+            if meta is None or meta.error is not None or not meta.partitions:
+                raise BrokerError(f"no topic {topic}")
+            partitions = len(meta.partitions)
+        c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(partitions)])
+        eof: set[int] = set()
+        deadline = time.monotonic() + timeout
         while len(eof) < partitions and time.monotonic() < deadline:
             for m in c.consume(1000, timeout=0.2):
                 if m.error() is None:
-                    got.append(m)
+                    yield m
                     eof.discard(m.partition())
                 elif m.error().code() == KafkaError._PARTITION_EOF:
                     eof.add(m.partition())
@@ -163,7 +173,6 @@ def read_to_end(target: Target, topic: str, partitions: int, timeout: float = 12
                     raise BrokerError(f"cannot read {topic}: {m.error()}")
     finally:
         c.close()
-    return got
 
 
 def cluster_identity(bootstrap: Target, timeout: float = 30.0) -> str:

@@ -6,6 +6,9 @@ nudgeflow send        a sender for one channel topic (console provider, ...)
 nudgeflow validate    check journey files; errors name file, line and what is wrong
 nudgeflow schema      print the JSON Schema of journey files (for editors)
 nudgeflow release     release quarantined users after a fix
+nudgeflow stats       per journey and step: entered, in it now, exited, converted, sends, feedback
+nudgeflow graph       a journey as a picture (Mermaid, DOT, SVG, PNG) with its counts
+nudgeflow inspect     one user's journeys, steps, wake-ups, entries and recent sends, and why
 """
 
 from __future__ import annotations
@@ -301,6 +304,119 @@ def simulate(
             return
         with typer.progressbar(length=files.size, label="simulating", file=sys.stderr) as bar:
             sim_cmd.run(js, files, until_ms, out, answer, trace_user, progress=bar.update)
+
+    _guard(go)
+
+
+Counts = Annotated[
+    str | None,
+    typer.Option(help="counts from a worker's metrics URL (http://host:9464/metrics) or a simulate summary.jsonl"),
+]
+
+
+def _counts(source: str | None) -> Any:
+    from nudgeflow import report
+
+    if source is None:
+        return None
+    if source.startswith(("http://", "https://")):
+        return report.counts_from_metrics(report.fetch_metrics(source))
+    path = Path(source)
+    if not path.is_file():
+        raise ConfigError(f"{source}: neither a metrics URL nor a summary file")
+    return report.counts_from_summary(path)
+
+
+def _journeys(paths: list[Path] | None) -> Any:
+    from nudgeflow.engine.loader import load_journeys
+
+    return load_journeys(paths or settings().journeys)
+
+
+@app.command()
+def stats(
+    counts: Counts = "http://127.0.0.1:9464/metrics",
+    journeys: JourneyPaths = None,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON lines instead of text")] = False,
+) -> None:
+    """Per journey: entered, in it now, exited by reason, converted, sends by channel; then every
+    step in journey order with its visits, outcomes, sends and delivery feedback."""
+    from nudgeflow import report
+
+    def go() -> None:
+        rows = report.stats_rows(_journeys(journeys), _counts(counts) or {})
+        if as_json:
+            typer.echo("\n".join(orjson_line(r) for r in rows))
+        else:
+            typer.echo(report.format_stats(rows), nl=False)
+
+    _guard(go)
+
+
+def orjson_line(row: Any) -> str:
+    import orjson
+
+    return orjson.dumps(row).decode()
+
+
+@app.command()
+def graph(
+    journey: Annotated[str, typer.Argument(help="journey id")],
+    journeys: JourneyPaths = None,
+    fmt: Annotated[str, typer.Option("--format", help="mermaid | dot | svg | png")] = "mermaid",
+    counts: Counts = None,
+    out: Annotated[Path | None, typer.Option(help="write here (default: stdout)")] = None,
+) -> None:
+    """Draw a journey: its steps and arrows, with the counts on each (from --counts)."""
+    from nudgeflow import report
+
+    def go() -> None:
+        if fmt not in ("mermaid", "dot", "svg", "png"):
+            raise ConfigError(f"--format {fmt}: use mermaid, dot, svg or png")
+        js = _journeys(journeys)
+        j = js.journeys.get(journey)
+        if j is None:
+            raise ConfigError(f"no journey '{journey}'; known: {', '.join(sorted(js.journeys))}")
+        c = _counts(counts)
+        data = report.render(j, c.get(journey, report.JourneyCounts()) if c is not None else None, fmt)
+        if out is not None:
+            out.write_bytes(data)
+        elif fmt in ("svg", "png") and sys.stdout.isatty():
+            raise ConfigError(f"--format {fmt} is an image: give --out FILE")
+        else:
+            sys.stdout.buffer.write(data)
+
+    _guard(go)
+
+
+@app.command()
+def inspect(
+    user: Annotated[str, typer.Option("--user", "-u", help="user id")],
+    broker: Broker = None,
+    journeys: JourneyPaths = None,
+    values: Annotated[bool, typer.Option(help="show profile, trigger and saved values (personal data)")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="the stored record as JSON")] = False,
+) -> None:
+    """Why did this user get (or not get) a message: their journeys, steps, wake-ups, entries and
+    recent sends with trigger event ids, read-only from the workers' state changelog."""
+    import time
+
+    from nudgeflow import report
+
+    s = remote_settings("inspect", broker=broker, journeys=journeys)
+
+    def go() -> None:
+        js = _journeys(journeys)
+        changelog = f"{s.app_id}-journey-state-changelog"
+        rec, p, offset, n = report.find_user(s.kafka_conf(), changelog, user)
+        if rec is None:
+            typer.echo(f"user {user}: no stored state in {changelog}" + (" (deleted)" if n else ""))
+            raise typer.Exit(1)
+        if as_json:
+            typer.echo(orjson_line(rec))
+            return
+        typer.echo(f"{changelog} partition {p} offset {offset}")
+        typer.echo("\n".join(report.inspect_lines(js, user, rec, int(time.time() * 1000), values)))
 
     _guard(go)
 

@@ -3,6 +3,8 @@ timeline of events, and the sends (or output) they expect."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -225,3 +227,104 @@ def test_simulate_streams_a_file_out_of_order_and_traces_one_user(
     assert not any("trace u8" in x for x in err.splitlines())
     summary = [orjson.loads(x) for x in (tmp_path / "b" / "summary.jsonl").read_bytes().splitlines()]
     assert [r["step"] for r in summary if r["type"] == "step"] == ["bought_it", "push"]
+
+
+def _simulated(tmp_path: Path) -> tuple[object, Path]:
+    """The keyed cart journey over a few users, through `nudgeflow simulate --out`."""
+    from nudgeflow.simulate import InputFiles, run
+
+    js = load_texts({"cart.yaml": CART_PUSH})
+    events = tmp_path / "events.jsonl"
+    rows = [
+        {"user_id": "u1", "event": "add_to_cart", "ts": T0, "props": {"cart_id": "C"}, "event_id": "e1"},
+        {"user_id": "u1", "event": "charged", "ts": T0 + M, "props": {"cart_id": "C"}},
+        {"user_id": "u2", "event": "add_to_cart", "ts": T0, "props": {"cart_id": "C"}, "event_id": "e2"},
+        {"user_id": "u3", "event": "add_to_cart", "ts": T0, "props": {"cart_id": "D"}, "event_id": "e3"},
+    ]
+    events.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
+    run(js, InputFiles(events, None, sys.stderr), T0 + H, tmp_path / "out")
+    return js, tmp_path / "out" / "summary.jsonl"
+
+
+def test_graph_draws_the_journey_with_counts_on_steps_and_arrows(tmp_path: Path) -> None:
+    from nudgeflow.report import counts_from_summary, render
+
+    js, summary = _simulated(tmp_path)
+    j = js.journeys["cart-push"]  # type: ignore[attr-defined]
+    counts = counts_from_summary(summary)["cart-push"]
+    text = render(j, counts, "mermaid").decode()
+    assert text.startswith("flowchart TD")
+    assert 'entry(["Cart push<br/>on add_to_cart<br/>entered 3"])' in text
+    assert 's0 -- "did charged 1" --> done' in text and 's0 -- "timed out 2" --> s1' in text
+    assert 's1["push<br/>send push<br/>visits 2<br/>sent push 2"]' in text
+    source = render(j, counts, "dot").decode()
+    assert source.startswith('digraph "cart-push"') and '"bought_it" -> "push" [label="timed out 2"]' in source
+    if shutil.which("dot") is None and not os.environ.get("REQUIRE_DEPLOY_TOOLS"):
+        pytest.skip("Graphviz not installed (apt-get install graphviz)")
+    svg = render(j, counts, "svg").decode()
+    assert "<svg" in svg and "timed out 2" in svg
+
+
+def test_stats_lists_journeys_and_steps_in_journey_order(tmp_path: Path) -> None:
+    from nudgeflow.report import counts_from_metrics, counts_from_summary, stats_rows
+
+    js, summary = _simulated(tmp_path)
+    rows = stats_rows(js, counts_from_summary(summary))  # type: ignore[arg-type]
+    assert rows[0] == {
+        "type": "journey",
+        "journey": "cart-push",
+        "entered": 3,
+        "active": 0,
+        "converted": 1,
+        "exited": {"completed": 3},
+        "skipped": {},
+        "sent": {"push": 2},
+    }
+    assert [(r["step"], r.get("visits"), r.get("timed_out")) for r in rows[1:]] == [
+        ("bought_it", 3, 2),
+        ("push", 2, None),
+    ]
+    metrics = """\
+# TYPE nudgeflow_journey_entries_total counter
+nudgeflow_journey_entries_total{journey="cart-push"} 5.0
+# TYPE nudgeflow_journey_exits_total counter
+nudgeflow_journey_exits_total{journey="cart-push",reason="completed"} 2.0
+# TYPE nudgeflow_journey_step_visits_total counter
+nudgeflow_journey_step_visits_total{journey="cart-push",step="push"} 2.0
+nudgeflow_journey_step_visits_total{journey="cart-push",step="bought_it"} 5.0
+# TYPE nudgeflow_send_requests_total counter
+nudgeflow_send_requests_total{channel="push",journey="cart-push",step="push"} 2.0
+# TYPE nudgeflow_delivery_feedback_total counter
+nudgeflow_delivery_feedback_total{journey="cart-push",step="push",status="clicked"} 1.0
+"""
+    live = stats_rows(js, counts_from_metrics(metrics))  # type: ignore[arg-type]
+    assert live[0]["active"] == 3 and live[0]["sent"] == {"push": 2}
+    assert live[2] == {
+        "type": "step",
+        "journey": "cart-push",
+        "step": "push",
+        "kind": "send push",
+        "visits": 2,
+        "sent_push": 2,
+        "clicked": 1,
+    }
+
+
+def test_inspect_says_where_a_user_is_and_why_they_got_a_message() -> None:
+    from nudgeflow.report import inspect_lines
+
+    s = sim(cart=CART_PUSH)
+    s.feed(Event("u2", "add_to_cart", T0, {"cart_id": "C"}, "e2"))
+    waiting = inspect_lines(s.journeys, "u2", {"state": s.states["u2"], "offsets": {}}, T0 + M)
+    text = "\n".join(waiting)
+    assert "cart-push v1 entry #1 at 2026-01-01T00:00:00Z (1m ago) (trigger event e2, trigger {cart_id})" in text
+    assert (
+        "at step bought_it (wait for charged (30m)) since 2026-01-01T00:00:00Z (1m ago); "
+        "wakes 2026-01-01T00:30:00Z (in 29m)"
+        in text
+    )
+    s.run_until(T0 + H)
+    sent = "\n".join(inspect_lines(s.journeys, "u2", {"state": s.states["u2"], "offsets": {}}, T0 + H, values=True))
+    (req,) = s.sends
+    assert f"2026-01-01T00:30:00Z (30m ago)  cart-push/push push key {req.key} (trigger event e2)" in sent
+    assert "in no journey now" in sent and "cart-push: 1 time(s)" in sent
