@@ -126,6 +126,8 @@ def compile_journey(raw: Any, file: str, reg: CounterRegistry, segments: set[str
     for i, seg in enumerate(e.audience):
         if seg not in segments:
             errors.append(CompileError(("entry", "audience", i), f"unknown segment '{seg}'"))
+    if e.instance_per and not e.event:
+        errors.append(CompileError(("entry", "instance_per"), "instance_per needs entry: event (a property of it)"))
     if e.include_current_members and not e.segment_entered:
         errors.append(
             CompileError(("entry", "include_current_members"), "include_current_members needs entry: segment_entered")
@@ -148,6 +150,7 @@ def compile_journey(raw: Any, file: str, reg: CounterRegistry, segments: set[str
         starts_at=datetime_to_ms(e.starts_at) if e.starts_at else None,
         ends_at=datetime_to_ms(e.ends_at) if e.ends_at else None,
         include_current_members=e.include_current_members,
+        instance_per=e.instance_per,
     )
     goal = None
     if jf.goal:

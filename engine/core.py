@@ -52,7 +52,7 @@ from nudgeflow.engine.io import (
     TimerCleared,
     TimerSet,
 )
-from nudgeflow.engine.predicates import MAX_HISTORY, Ref, get_path, reachable, ref_values, refs_match
+from nudgeflow.engine.predicates import MAX_HISTORY, MISSING, Ref, get_path, reachable, ref_values, refs_match
 from nudgeflow.engine.state import Instance, UserState, clone, new_state, next_wake
 from nudgeflow.engine.templates import RenderError, render_value
 from nudgeflow.engine.timeparse import iso_to_ms
@@ -210,11 +210,11 @@ class _Run:
                         self.remember_values(c.id, ev.ts, [get_path(props, k) for k in c.keys])
                     else:
                         self.remember(c.id, ev.ts, c.keep_ms, c.keep_n)
-        for jid in (sorted(instances) if len(instances) > 1 else list(instances)) if instances else ():
-            j = self.journey_of(jid, t)
+        for ik in (sorted(instances) if len(instances) > 1 else list(instances)) if instances else ():
+            j = self.journey_of(ik, t)
             if j is None or name not in j.listens:
                 continue
-            inst = instances[jid]
+            inst = instances[ik]
             node = j.steps[inst["step"]]
             # a step waiting for exactly this event takes its "performed" branch, even when the
             # event is also the goal or an exit: the flow says explicitly what happens next
@@ -226,19 +226,19 @@ class _Run:
             )
             goal = j.goal
             if goal and goal.rule.event == name and goal.rule.where(props) and _keyed(goal.rule.refs, props, inst):
-                self.convert(j, t)
+                self.convert(j, ik, t)
                 if goal.exit and not performed:
-                    self.exit(j, "converted", t)
+                    self.exit(j, ik, "converted", t)
                     continue
             if not performed and self.exit_rule_matches(j, name, props, inst):
-                self.exit(j, "exit_event", t)
+                self.exit(j, ik, "exit_event", t)
                 continue
             if performed:
                 assert isinstance(node, g.WaitFor)
                 self.count("step", j.id, f"{node.id}:performed")
-                self.move(j, node.next, t)
-        for jid, done in list(st["attribution"].items()) if st["attribution"] else ():
-            j = js.journeys.get(jid)
+                self.move(j, ik, node.next, t)
+        for ik, done in list(st["attribution"].items()) if st["attribution"] else ():
+            j = js.journeys.get(journey_id(ik))
             if (
                 j
                 and j.goal
@@ -247,10 +247,10 @@ class _Run:
                 and j.goal.rule.where(ev.props)
                 and (not j.goal.rule.refs or refs_match(j.goal.rule.refs, ev.props, done.get("key", ())))
             ):
-                done = st["attribution"].pop(jid)
-                self.count("converted", jid, "after_exit")
+                done = st["attribution"].pop(ik)
+                self.count("converted", j.id, "after_exit")
                 if "arm" in done:
-                    self.count("experiment", jid, f"{done['arm']}:converted")
+                    self.count("experiment", j.id, f"{done['arm']}:converted")
         for j in js.by_trigger.get(name, ()):
             if j.entry.where(props):
                 self.try_enter(j, t, dict(props), ev.event_id)
@@ -321,19 +321,19 @@ class _Run:
             self.count("feedback", inp.journey, f"{inp.step}:{status}")
 
     def on_call_result(self, res: CallResult, t: int) -> None:
-        for jid, inst in list(self.st["instances"].items()):
+        for ik, inst in list(self.st["instances"].items()):
             if inst.get("call") != res.key:
                 continue
-            j = self.journey_of(jid, t)
+            j = self.journey_of(ik, t)
             node = j.steps[inst["step"]] if j else None
             if j is None or not isinstance(node, g.Call):
                 return
             if res.ok:
                 inst["vars"] = {**inst["vars"], node.save_as: res.body}
-                self.move(j, node.next, t)
+                self.move(j, ik, node.next, t)
             else:
-                self.count("step", jid, f"{node.id}:error")
-                self.move(j, node.on_error, t)
+                self.count("step", j.id, f"{node.id}:error")
+                self.move(j, ik, node.on_error, t)
             return
 
     # --- segments --------------------------------------------------------------------------
@@ -424,8 +424,8 @@ class _Run:
 
     # --- entering and leaving --------------------------------------------------------------
 
-    def refusal(self, j: g.Journey, t: int) -> str | None:
-        """Why the user may not enter `j` now, or None."""
+    def refusal(self, j: g.Journey, ik: str, t: int) -> str | None:
+        """Why the user may not enter `j` (as instance `ik`) now, or None."""
         e, st = j.entry, self.st
         if j.status != "active":
             return j.status
@@ -433,7 +433,7 @@ class _Run:
             return "outside_schedule"
         if e.audience and not any(self.in_segment(s, t) for s in e.audience):
             return "audience"
-        if j.id in st["instances"] and not e.restart:
+        if ik in st["instances"] and not e.restart:
             return "already_in_journey"
         hist = st["entries"].get(j.id)
         if hist is None:
@@ -450,15 +450,22 @@ class _Run:
 
     def try_enter(self, j: g.Journey, t: int, trigger: dict[str, Any], event_id: str | None) -> None:
         st = self.st
+        ik = j.id
+        if j.entry.instance_per is not None:  # one instance per value (this cart, this booking)
+            value = get_path(trigger, j.entry.instance_per)
+            if value is None or value is MISSING or isinstance(value, (dict, list)):
+                self.count("skipped", j.id, "no_instance_key")
+                return
+            ik = f"{j.id}#{value}"
         if j.entry.open and j.status == "active":  # the common case, without the general checks
-            reason = None if j.entry.restart or j.id not in st["instances"] else "already_in_journey"
+            reason = None if j.entry.restart or ik not in st["instances"] else "already_in_journey"
         else:
-            reason = self.refusal(j, t)
+            reason = self.refusal(j, ik, t)
         if reason is not None:
             self.count("skipped", j.id, reason)
             return
-        if j.id in st["instances"]:
-            self.exit(j, "restarted", t)
+        if ik in st["instances"]:
+            self.exit(j, ik, "restarted", t)
         hist = st["entries"].get(j.id)
         keep = j.entry.cap_max or 1  # entry times needed: the last one (lock), or as many as the cap
         if hist is None:
@@ -468,8 +475,8 @@ class _Run:
             n = hist["count"] + 1
             times = hist["times"]
             hist["count"], hist["times"] = n, [*times[max(0, len(times) + 1 - keep) :], t] if keep > 1 else [t]
-        st["attribution"].pop(j.id, None)
-        st["instances"][j.id] = {
+        st["attribution"].pop(ik, None)
+        st["instances"][ik] = {
             "version": j.version,
             "digest": j.digest,
             "entry_no": n,
@@ -484,51 +491,51 @@ class _Run:
             "converted": False,
         }
         self.count("entered", j.id, "")
-        self.run(j, t)
+        self.run(j, ik, t)
         if st["history"] or st.get("seen"):
-            self.replay_later(j, t)
+            self.replay_later(j, ik, t)
 
-    def replay_later(self, j: g.Journey, t: int) -> None:
+    def replay_later(self, j: g.Journey, ik: str, t: int) -> None:
         """A goal or exit event that happened after the trigger but was processed before it (inputs
         from different topics can arrive out of order): apply it now, at its own time, after the
         steps that were due before it."""
         if not self.st["history"] and not self.st.get("seen"):
             return
         first: tuple[int, int] | None = None
-        if j.goal and (last := self.rule_last(j.goal.rule, j.id)) is not None and last > t:
+        if j.goal and (last := self.rule_last(j.goal.rule, ik)) is not None and last > t:
             first = (last, 0)
         for r in j.exits:
-            if (last := self.rule_last(r, j.id)) is not None and last > t and (first is None or (last, 1) < first):
+            if (last := self.rule_last(r, ik)) is not None and last > t and (first is None or (last, 1) < first):
                 first = (last, 1)
         if first is None:
             return
         at, kind = first
         st = self.st
-        while (inst := st["instances"].get(j.id)) is not None and (due := inst["wake"]) is not None and due <= at:
-            self.wake(j, due)
-        if j.id in st["instances"]:
+        while (inst := st["instances"].get(ik)) is not None and (due := inst["wake"]) is not None and due <= at:
+            self.wake(j, ik, due)
+        if ik in st["instances"]:
             if kind == 0:
                 assert j.goal is not None
-                self.convert(j, at)
+                self.convert(j, ik, at)
                 if j.goal.exit:
-                    self.exit(j, "converted", at)
+                    self.exit(j, ik, "converted", at)
             else:
-                self.exit(j, "exit_event", at)
-        elif kind == 0 and j.id in st["attribution"] and at <= st["attribution"][j.id]["until"]:
-            done = st["attribution"].pop(j.id)
+                self.exit(j, ik, "exit_event", at)
+        elif kind == 0 and ik in st["attribution"] and at <= st["attribution"][ik]["until"]:
+            done = st["attribution"].pop(ik)
             self.count("converted", j.id, "after_exit")
             if "arm" in done:
                 self.count("experiment", j.id, f"{done['arm']}:converted")
 
-    def rule_last(self, r: g.Rule, jid: str) -> int | None:
+    def rule_last(self, r: g.Rule, ik: str) -> int | None:
         """The newest time the rule's event happened (for a keyed rule: for this instance's key)."""
         if r.refs:
-            inst = self.st["instances"].get(jid)
+            inst = self.st["instances"].get(ik)
             return self.last_keyed(r.counter, r.refs, inst) if inst is not None else None
         return self.last_seen(r.counter)
 
-    def convert(self, j: g.Journey, t: int) -> None:
-        inst = self.st["instances"][j.id]
+    def convert(self, j: g.Journey, ik: str, t: int) -> None:
+        inst = self.st["instances"][ik]
         if inst["converted"]:
             return
         assert j.goal is not None
@@ -538,28 +545,28 @@ class _Run:
             if "arm" in inst:
                 self.count("experiment", j.id, f"{inst['arm']}:converted")
 
-    def exit(self, j: g.Journey, reason: str, t: int) -> None:
-        inst = self.st["instances"].pop(j.id)
+    def exit(self, j: g.Journey, ik: str, reason: str, t: int) -> None:
+        inst = self.st["instances"].pop(ik)
         self.count("exited", j.id, reason)
         if j.goal and j.goal.within and not inst["converted"] and reason != "restarted":
             until = inst["entered"] + j.goal.within
             if until >= t:
-                self.st["attribution"][j.id] = {"entry_no": inst["entry_no"], "until": until}
+                self.st["attribution"][ik] = {"entry_no": inst["entry_no"], "until": until}
                 if "arm" in inst:
-                    self.st["attribution"][j.id]["arm"] = inst["arm"]
+                    self.st["attribution"][ik]["arm"] = inst["arm"]
                 if j.goal.rule.refs:
-                    self.st["attribution"][j.id]["key"] = ref_values(j.goal.rule.refs, inst["trigger"], inst["vars"])
+                    self.st["attribution"][ik]["key"] = ref_values(j.goal.rule.refs, inst["trigger"], inst["vars"])
 
-    def journey_of(self, jid: str, t: int) -> g.Journey | None:
+    def journey_of(self, ik: str, t: int) -> g.Journey | None:
         """The journey an instance runs, after applying edits; None if the instance had to leave."""
-        inst = self.st["instances"][jid]
-        j = self.js.journeys.get(jid)
+        inst = self.st["instances"][ik]
+        j = self.js.journeys.get(journey_id(ik))
         if j is None:
-            del self.st["instances"][jid]
-            self.count("exited", jid, "journey_removed")
+            del self.st["instances"][ik]
+            self.count("exited", journey_id(ik), "journey_removed")
             return None
         if inst["step"] not in j.steps:  # whatever the version: an edit removed the step
-            self.exit(j, "step_removed", t)
+            self.exit(j, ik, "step_removed", t)
             return None
         if inst["version"] != j.version or inst["digest"] != j.digest:
             inst["version"], inst["digest"] = j.version, j.digest
@@ -575,77 +582,77 @@ class _Run:
             first: tuple[int, str] | None = None
             if (w := st.get("seg_wake")) is not None and w <= until:
                 first = (w, "")  # before any instance due at the same time: entries see it
-            for jid, i in instances.items():
+            for key, i in instances.items():
                 w = i["wake"]
-                if w is not None and w <= until and (first is None or (w, jid) < first):
-                    first = (w, jid)
+                if w is not None and w <= until and (first is None or (w, key) < first):
+                    first = (w, key)
             if first is None:
                 return
-            wake, jid = first
-            if not jid:
+            wake, ik = first
+            if not ik:
                 self.segment_edge(wake)
                 continue
-            j = self.journey_of(jid, wake)
+            j = self.journey_of(ik, wake)
             if j is not None:
-                self.wake(j, wake)
+                self.wake(j, ik, wake)
 
-    def wake(self, j: g.Journey, t: int) -> None:
+    def wake(self, j: g.Journey, ik: str, t: int) -> None:
         """The instance's wake time came: its waiting step ends (elapsed, timed out)."""
-        inst = self.st["instances"][j.id]
+        inst = self.st["instances"][ik]
         inst["wake"] = None
         if j.status == "paused":
             inst["wake"] = t + PAUSE_RECHECK_MS
             return
         if j.status == "stopped":
-            self.exit(j, "journey_stopped", t)
+            self.exit(j, ik, "journey_stopped", t)
             return
         node = j.steps[inst["step"]]
         match node:
             case g.WaitFor():
                 self.count("step", j.id, f"{node.id}:timed_out")
-                self.move(j, node.on_timeout, t)
+                self.move(j, ik, node.on_timeout, t)
             case g.Call():
                 inst.pop("call", None)
                 self.count("step", j.id, f"{node.id}:timed_out")
-                self.move(j, node.on_error, t)
+                self.move(j, ik, node.on_error, t)
             case g.Wait() | g.WaitUntil() | g.WaitWindow():
-                self.move(j, node.next, t)
+                self.move(j, ik, node.next, t)
             case g.Send() | g.Branch() | g.Split() | g.Update() | g.End():
-                self.run(j, t)  # not a waiting step (e.g. after an edit): carry on from here
+                self.run(j, ik, t)  # not a waiting step (e.g. after an edit): carry on from here
             case _:
                 assert_never(node)
 
-    def move(self, j: g.Journey, target: str, t: int) -> None:
-        inst = self.st["instances"][j.id]
+    def move(self, j: g.Journey, ik: str, target: str, t: int) -> None:
+        inst = self.st["instances"][ik]
         if target == g.END:
-            self.exit(j, "completed", t)
+            self.exit(j, ik, "completed", t)
             return
         _goto(inst, target, t)
         inst.pop("call", None)
-        self.run(j, t)
+        self.run(j, ik, t)
 
     # --- running steps ---------------------------------------------------------------------
     #
     # Each run_<kind> executes its step at time t and returns the next step id (g.END leaves the
     # journey), or None when the instance stops here: it waits (its wake time is set) or left.
 
-    def run(self, j: g.Journey, t: int) -> None:
+    def run(self, j: g.Journey, ik: str, t: int) -> None:
         """Execute steps from the instance's current step until one waits or the journey ends."""
         instances = self.st["instances"]
         for _ in range(MAX_STEPS_PER_RUN):
-            inst = instances[j.id]
+            inst = instances[ik]
             node = j.steps[inst["step"]]
             self.count("visit", j.id, node.id)
-            target = self.run_step(j, inst, node, t)
+            target = self.run_step(j, ik, inst, node, t)
             if target is None:
                 return
             if target == g.END:
-                self.exit(j, "completed", t)
+                self.exit(j, ik, "completed", t)
                 return
             _goto(inst, target, t)
-        self.exit(j, "loop_guard", t)
+        self.exit(j, ik, "loop_guard", t)
 
-    def run_step(self, j: g.Journey, inst: Instance, node: g.Node, t: int) -> str | None:
+    def run_step(self, j: g.Journey, ik: str, inst: Instance, node: g.Node, t: int) -> str | None:
         match node:
             case g.Send():
                 return self.run_send(j, inst, node, t)
@@ -653,7 +660,7 @@ class _Run:
                 inst["wake"] = t + node.ms
                 return None
             case g.WaitUntil():
-                return self.run_wait_until(j, inst, node, t)
+                return self.run_wait_until(j, ik, inst, node, t)
             case g.WaitWindow():
                 return self.run_wait_window(inst, node, t)
             case g.WaitFor():
@@ -668,7 +675,7 @@ class _Run:
             case g.Call():
                 return self.run_call(j, inst, node, t)
             case g.End():
-                self.exit(j, "completed", t)
+                self.exit(j, ik, "completed", t)
                 return None
             case _:
                 assert_never(node)
@@ -728,7 +735,7 @@ class _Run:
         sent.append((t, channel))
         self.st["sent"] = sent
 
-    def run_wait_until(self, j: g.Journey, inst: Instance, node: g.WaitUntil, t: int) -> str | None:
+    def run_wait_until(self, j: g.Journey, ik: str, inst: Instance, node: g.WaitUntil, t: int) -> str | None:
         if node.at is not None:
             at: int | None = node.at
         else:
@@ -737,7 +744,7 @@ class _Run:
             at = None if base is None else base + node.offset
         if at is None:
             if node.if_missing == "end":
-                self.exit(j, "attribute_missing", t)
+                self.exit(j, ik, "attribute_missing", t)
                 return None
             return node.next
         if at > t:
@@ -869,6 +876,11 @@ def _recipient(profile: Mapping[str, Any], channel: str) -> str | None:
     if isinstance(v, str):
         return v
     return json.dumps(v, sort_keys=True, separators=(",", ":"))
+
+
+def journey_id(ik: str) -> str:
+    """The journey of an instance key: `<journey>` or, per correlation value, `<journey>#<value>`."""
+    return ik.split("#", 1)[0]
 
 
 def _keyed(refs: tuple[Ref, ...], props: Mapping[str, Any], inst: Instance) -> bool:

@@ -163,6 +163,7 @@ class Entry:
     starts_at: int | None = None
     ends_at: int | None = None
     include_current_members: bool = False  # segment_entered: admit the segment's members at activation
+    instance_per: str | None = None  # a trigger property: one instance per value (each with its timers)
     # no schedule, audience, eligibility, lock or cap: only "already in the journey" can refuse
     open: bool = field(init=False)
 

@@ -49,6 +49,7 @@ class _Missing:
 
 
 _MISSING: Any = _Missing()
+MISSING: Any = _MISSING  # what get_path returns for a path that is not there
 
 
 def _num(v: Any) -> float | None:

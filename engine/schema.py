@@ -85,6 +85,11 @@ class Entry(Model):
     )
     starts_at: dt.datetime | None = None
     ends_at: dt.datetime | None = None
+    instance_per: str | None = Field(
+        None,
+        description="a property of the triggering event (e.g. cart_id): the user runs one instance of the journey "
+        "per value, each with its own steps and timers; a trigger without it is not entered",
+    )
     include_current_members: bool = Field(
         False,
         description="segment_entered: when the journey (or a new version) activates, users already in the "

@@ -364,8 +364,10 @@ def inspect_lines(js: g.JourneySet, user: str, rec: Mapping[str, Any], now_ms: i
         q = rec["quarantine"]
         out.append(f"  QUARANTINED since {when(q.get('since'))}: {q.get('error')} ({len(q.get('parked', []))} parked)")
     out.append("  in journeys now:" if st["instances"] else "  in no journey now")
-    for jid, inst in sorted(st["instances"].items()):
-        j = js.journeys.get(jid)
+    from nudgeflow.engine.core import journey_id
+
+    for jid, inst in sorted(st["instances"].items()):  # jid: the journey, or journey#value (instance_per)
+        j = js.journeys.get(journey_id(jid))
         node = j.steps.get(inst["step"]) if j else None
         kind = describe(node) if node is not None else "step not in the loaded journey"
         out.append(

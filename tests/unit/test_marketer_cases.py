@@ -320,11 +320,33 @@ def test_inspect_says_where_a_user_is_and_why_they_got_a_message() -> None:
     assert "cart-push v1 entry #1 at 2026-01-01T00:00:00Z (1m ago) (trigger event e2, trigger {cart_id})" in text
     assert (
         "at step bought_it (wait for charged (30m)) since 2026-01-01T00:00:00Z (1m ago); "
-        "wakes 2026-01-01T00:30:00Z (in 29m)"
-        in text
+        "wakes 2026-01-01T00:30:00Z (in 29m)" in text
     )
     s.run_until(T0 + H)
     sent = "\n".join(inspect_lines(s.journeys, "u2", {"state": s.states["u2"], "offsets": {}}, T0 + H, values=True))
     (req,) = s.sends
     assert f"2026-01-01T00:30:00Z (30m ago)  cart-push/push push key {req.key} (trigger event e2)" in sent
     assert "in no journey now" in sent and "cart-push: 1 time(s)" in sent
+
+
+def test_one_instance_per_cart_each_with_its_own_timer() -> None:
+    doc = CART_PUSH.replace(
+        "entry: {event: add_to_cart, while_active: restart}", "entry: {event: add_to_cart, instance_per: cart_id}"
+    )
+    s = sim(cart=doc)
+    s.feed(Event("u1", "add_to_cart", T0, {"cart_id": "A"}))
+    s.feed(Event("u1", "add_to_cart", T0 + 10 * M, {"cart_id": "B"}))
+    s.feed(Event("u1", "add_to_cart", T0 + 12 * M, {"cart_id": "A"}))  # A again while A runs: ignored
+    s.feed(Event("u1", "charged", T0 + 20 * M, {"cart_id": "A"}))  # bought A: only A's instance ends
+    s.feed(Event("u1", "add_to_cart", T0 + 21 * M))  # no cart id: no instance to run
+    s.run_until(T0 + 3 * H)
+    assert [(r.content["title"], (r.created_at - T0) // M) for r in s.sends] == [("Still want cart B?", 40)]
+    assert sorted(c.detail for c in s.counts("skipped")) == ["already_in_journey", "no_instance_key"]
+    assert [c.detail for c in s.counts("step")] == ["bought_it:performed", "bought_it:timed_out"]
+    assert s.states["u1"]["instances"] == {}
+
+
+def test_instance_per_needs_an_event_entry() -> None:
+    doc = RECOMMEND.replace("  include_current_members: true\n", "  instance_per: cart_id\n")
+    with pytest.raises(JourneyFileErrors, match="instance_per needs entry: event"):
+        load_texts({"segments.yaml": INSURANCE, "recommend.yaml": doc})
