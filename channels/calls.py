@@ -64,6 +64,38 @@ def answer_body(content_type: str, body: bytes) -> tuple[bool, Any]:
     return False, {"error": "content_type"}
 
 
+async def perform_call(http: Outbound, req: CallRequest) -> tuple[bool, Any]:
+    """One `call` step's request within its timeout (connection errors and 5xx retried): (ok, the
+    answer to save or why it failed). The call runner's, and `simulate --calls live`."""
+    budget = max(0.5, (req.timeout_ms or 10000) / 1000 - 0.5)
+    started = time.monotonic()
+    headers = {**dict(req.headers or {}), "idempotency-key": req.key}
+    try:
+        async for attempt in AsyncRetrying(
+            stop=stop_after_delay(budget),
+            reraise=True,
+            wait=wait_exponential(multiplier=0.2, max=2),
+            retry=retry_if_exception(_retryable),
+        ):
+            with attempt:
+                left = max(0.2, budget - (time.monotonic() - started))
+                ans = await http.request(req.method or "GET", req.url, headers=headers, json=req.body, timeout=left)
+                if ans.status >= 500:
+                    raise Retryable(str(ans.status))
+        if ans.status >= 400:
+            log.info("call %s answered %s", req.key[:12], ans.status)
+            return False, {"status": ans.status}
+        if ans.status >= 300:
+            return False, {"error": "redirect"}
+        return answer_body(ans.content_type, ans.body)
+    except Refused as e:
+        log.info("call %s refused: %s", req.key[:12], e.reason)
+        return False, {"error": e.reason}
+    except (Retryable, httpx.HTTPError) as e:
+        log.info("call %s failed: %s", req.key[:12], type(e).__name__)
+        return False, {"error": type(e).__name__}
+
+
 class CallRunner(BatchConsumer):
     batch_max = 200
 
@@ -140,7 +172,7 @@ class CallRunner(BatchConsumer):
             log.info("call %s was interrupted by a restart: not repeated", req.key[:12])
         else:
             async with self.limit:
-                ok, body = await self._call(http, req)
+                ok, body = await perform_call(http, req)
         enc = wire.encode_call_result(CallResult(req.user_id, req.key, ok, body), self.signer)
         self.producer.produce(self.topics.feedback, key=enc.key, value=enc.value, headers=enc.headers)
         self.keys.add(req.key, partition)
@@ -149,32 +181,3 @@ class CallRunner(BatchConsumer):
             self.ok += 1
         else:
             self.failed += 1
-
-    async def _call(self, http: Outbound, req: CallRequest) -> tuple[bool, Any]:
-        budget = max(0.5, (req.timeout_ms or 10000) / 1000 - 0.5)
-        started = time.monotonic()
-        headers = {**dict(req.headers or {}), "idempotency-key": req.key}
-        try:
-            async for attempt in AsyncRetrying(
-                stop=stop_after_delay(budget),
-                reraise=True,
-                wait=wait_exponential(multiplier=0.2, max=2),
-                retry=retry_if_exception(_retryable),
-            ):
-                with attempt:
-                    left = max(0.2, budget - (time.monotonic() - started))
-                    ans = await http.request(req.method or "GET", req.url, headers=headers, json=req.body, timeout=left)
-                    if ans.status >= 500:
-                        raise Retryable(str(ans.status))
-            if ans.status >= 400:
-                log.info("call %s answered %s", req.key[:12], ans.status)
-                return False, {"status": ans.status}
-            if ans.status >= 300:
-                return False, {"error": "redirect"}
-            return answer_body(ans.content_type, ans.body)
-        except Refused as e:
-            log.info("call %s refused: %s", req.key[:12], e.reason)
-            return False, {"error": e.reason}
-        except (Retryable, httpx.HTTPError) as e:
-            log.info("call %s failed: %s", req.key[:12], type(e).__name__)
-            return False, {"error": type(e).__name__}

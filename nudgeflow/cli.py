@@ -277,7 +277,11 @@ def simulate(
     until: Annotated[str | None, typer.Option(help="run timers up to this time (ISO-8601 or epoch ms)")] = None,
     out: Annotated[Path | None, typer.Option(help="write sends.jsonl and summary.jsonl here (default: stdout)")] = None,
     calls: Annotated[
-        Path | None, typer.Option(help="answers for call steps: JSON lines {url: regex, body: {...} | error: why}")
+        str | None,
+        typer.Option(
+            help="answers for call steps: a file of JSON lines {url: regex, body: {...} | error: why}, "
+            "or 'live' to make the calls (outbound policy of the settings applies)"
+        ),
     ] = None,
     trace_user: Annotated[str | None, typer.Option(help="print this user's path as it happens (stderr)")] = None,
 ) -> None:
@@ -294,16 +298,29 @@ def simulate(
         raise typer.Exit(2) from None
 
     def go() -> None:
-        for path in (events, profiles, calls):
+        for path in (events, profiles, Path(calls) if calls and calls != "live" else None):
             if path is not None and not path.is_file():
                 raise ConfigError(f"{path}: no such file")
         files = sim_cmd.InputFiles(events, profiles, sys.stderr)
-        answer = sim_cmd.canned_answers(calls) if calls else None
-        if not sys.stderr.isatty():
-            sim_cmd.run(js, files, until_ms, out, answer, trace_user)
-            return
-        with typer.progressbar(length=files.size, label="simulating", file=sys.stderr) as bar:
-            sim_cmd.run(js, files, until_ms, out, answer, trace_user, progress=bar.update)
+        close = None
+        answer: Any = None
+        if calls == "live":
+            from nudgeflow.channels.outbound import OutboundPolicy
+
+            s = settings()
+            policy = OutboundPolicy(s.outbound_allow_hosts, s.outbound_allow_networks)
+            answer, close = sim_cmd.live_answers(policy, s.call_max_response_bytes)
+        else:
+            answer = sim_cmd.canned_answers(Path(calls)) if calls else None
+        try:
+            if not sys.stderr.isatty():
+                sim_cmd.run(js, files, until_ms, out, answer, trace_user)
+                return
+            with typer.progressbar(length=files.size, label="simulating", file=sys.stderr) as bar:
+                sim_cmd.run(js, files, until_ms, out, answer, trace_user, progress=bar.update)
+        finally:
+            if close is not None:
+                close()
 
     _guard(go)
 

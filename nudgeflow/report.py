@@ -30,6 +30,7 @@ class JourneyCounts:
     exited: Counter[str] = field(default_factory=Counter)
     skipped: Counter[str] = field(default_factory=Counter)
     steps: dict[str, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
+    arms: dict[tuple[str, str], Counter[str]] = field(default_factory=lambda: defaultdict(Counter))  # (split, arm)
 
 
 def counts_from_summary(path: Path) -> dict[str, JourneyCounts]:
@@ -49,6 +50,9 @@ def counts_from_summary(path: Path) -> dict[str, JourneyCounts]:
             c.admitted = row.get("admitted_members", 0)
             c.exited.update(row.get("exited", {}))
             c.skipped.update(row.get("skipped", {}))
+        elif row.get("type") == "experiment":
+            arm = out[row["journey"]].arms[(row["split"], row["arm"])]
+            arm.update(entered=row["entered"], converted=row["converted"])
     return out
 
 
@@ -84,6 +88,8 @@ def counts_from_metrics(text: str) -> dict[str, JourneyCounts]:
                 case "nudgeflow_sends_capped_total" | "nudgeflow_unreachable_total" | "nudgeflow_template_errors_total":
                     kind = s.name.removeprefix("nudgeflow_").removesuffix("_total")
                     c.steps[lab["step"]][kind] += v
+                case "nudgeflow_experiment_users_total":
+                    c.arms[(lab["split"], lab["arm"])][lab["outcome"]] += v
                 case "nudgeflow_member_scan_users_total" if lab.get("outcome") == "admitted":
                     c.admitted += v
                 case _:
@@ -129,6 +135,10 @@ def stats_rows(js: g.JourneySet, counts: Mapping[str, JourneyCounts]) -> list[di
         for sid, node in j.steps.items():
             sc = c.steps.get(sid, Counter())
             rows.append({"type": "step", "journey": jid, "step": sid, "kind": describe(node), **dict(sc)})
+        if c.arms:
+            from nudgeflow.simulate import experiment_rows
+
+            rows += experiment_rows({(jid, split, arm): n for (split, arm), n in c.arms.items()})
     return rows
 
 
@@ -144,6 +154,13 @@ def format_stats(rows: Iterable[dict[str, Any]]) -> str:
             )
             if r["skipped"]:
                 lines.append("  entries refused: " + ", ".join(f"{k} {v}" for k, v in sorted(r["skipped"].items())))
+        elif r["type"] == "experiment":
+            rate = "-" if r["rate"] is None else f"{100 * r['rate']:.1f}%"
+            line = f"  split {r['split']} arm {r['arm']}: entered {r['entered']}, converted {r['converted']} ({rate})"
+            if "uplift_pp" in r:
+                low, high = r["ci95_pp"]
+                line += f", {r['uplift_pp']:+.1f} points vs control (95% CI {low:+.1f} to {high:+.1f})"
+            lines.append(line)
         else:
             extra = {k: v for k, v in r.items() if k not in ("type", "journey", "step", "kind", "visits")}
             detail = ", ".join(f"{k} {v}" for k, v in extra.items())

@@ -178,6 +178,29 @@ def canned_answers(path: Path) -> Callable[[CallRequest], CallResult | None]:
     return answer
 
 
+def live_answers(policy: Any, max_bytes: int) -> tuple[Callable[[CallRequest], CallResult | None], Callable[[], None]]:
+    """`--calls live`: perform each call for real, as the call runner would (same outbound policy,
+    size cap, retries and timeout), one at a time; returns (answer, close). Opt-in: your API sees
+    the requests of every simulated user."""
+    import asyncio
+
+    from nudgeflow.channels.calls import perform_call
+    from nudgeflow.channels.outbound import Outbound
+
+    loop = asyncio.new_event_loop()
+    http = Outbound(policy, max_bytes)
+
+    def answer(req: CallRequest) -> CallResult | None:
+        ok, body = loop.run_until_complete(perform_call(http, req))
+        return CallResult(req.user_id, req.key, ok, body)
+
+    def close() -> None:
+        loop.run_until_complete(http.aclose())
+        loop.close()
+
+    return answer, close
+
+
 @dataclass
 class Summary:
     """The report's tallies, kept as effects happen (nothing per effect is held)."""

@@ -350,3 +350,76 @@ def test_instance_per_needs_an_event_entry() -> None:
     doc = RECOMMEND.replace("  include_current_members: true\n", "  instance_per: cart_id\n")
     with pytest.raises(JourneyFileErrors, match="instance_per needs entry: event"):
         load_texts({"segments.yaml": INSURANCE, "recommend.yaml": doc})
+
+
+def test_simulate_live_calls_reach_a_real_api(tmp_path: Path) -> None:
+    """`simulate --calls live` makes the calls as the call runner would (policy included)."""
+    from nudgeflow.channels.outbound import OutboundPolicy
+    from nudgeflow.simulate import InputFiles, live_answers, run
+    from tests.apis import ApiHandler, start
+
+    seen: list[str] = []
+
+    class Recs(ApiHandler):
+        def do_GET(self) -> None:
+            seen.append(self.path)
+            self.answer(200, {"items": [{"name": "Term Life"}]})
+
+    base, stop = start(Recs)
+    doc = f"""\
+journey: recs
+name: recommendations
+entry: {{event: go}}
+steps:
+  fetch: {{call: "{base}/recs?user={{{{ user.id }}}}", save_as: recs, timeout: 5s}}
+  mail: {{send: email, subject: "{{{{ vars.recs.items[0].name }}}}"}}
+"""
+    events = tmp_path / "e.jsonl"
+    events.write_bytes(orjson.dumps({"user_id": "u1", "event": "go", "ts": T0}) + b"\n")
+    try:
+        answer, close = live_answers(OutboundPolicy([], ["127.0.0.0/8"]), 32768)
+        run(load_texts({"recs.yaml": doc}), InputFiles(events, None, sys.stderr), None, tmp_path / "out", answer)
+        close()
+        refused, close2 = live_answers(OutboundPolicy([], []), 32768)  # loopback not allowed: on_error
+        sim_refused = run(
+            load_texts({"recs.yaml": doc}), InputFiles(events, None, sys.stderr), None, tmp_path / "o2", refused
+        )
+        close2()
+    finally:
+        stop()
+    (send,) = [orjson.loads(x) for x in (tmp_path / "out" / "sends.jsonl").read_bytes().splitlines()]
+    assert send["content"]["subject"] == "Term Life" and seen == ["/recs?user=u1"]
+    assert (tmp_path / "o2" / "sends.jsonl").read_bytes() == b"" and not sim_refused.unanswered
+
+
+def test_stats_shows_experiment_arms_with_uplift_from_a_workers_metrics() -> None:
+    from nudgeflow.report import counts_from_metrics, format_stats, stats_rows
+
+    js = load_texts(
+        {
+            "ab.yaml": """\
+journey: ab
+name: ab
+entry: {event: go}
+goal: {event: buy, within: 7d}
+steps:
+  ab:
+    split:
+      - {percent: 50, next: a}
+      - {percent: 50, control: true}
+  a: {send: push, title: A}
+"""
+        }
+    )
+    metrics = "# TYPE nudgeflow_experiment_users_total counter\n" + "".join(
+        f'nudgeflow_experiment_users_total{{journey="ab",split="ab",arm="{arm}",outcome="{o}"}} {n}\n'
+        for arm, o, n in (
+            ("a", "entered", 1000),
+            ("a", "converted", 300),
+            ("control", "entered", 1000),
+            ("control", "converted", 200),
+        )
+    )
+    text = format_stats(stats_rows(js, counts_from_metrics(metrics)))
+    assert "split ab arm a: entered 1000, converted 300 (30.0%), +10.0 points vs control (95% CI +6.2 to +13.8)" in text
+    assert "split ab arm control: entered 1000, converted 200 (20.0%)" in text
