@@ -33,6 +33,7 @@ from typing import Any, NotRequired, Protocol, TypedDict, assert_never, cast
 import orjson
 
 from nudgeflow.agents.keys import timer_key, user_key
+from nudgeflow.agents.occupancy import OCCUPANCY, Occupancy, steps_of
 from nudgeflow.engine import core
 from nudgeflow.engine.graph import JourneySet
 from nudgeflow.engine.io import (
@@ -340,6 +341,7 @@ class BatchCore:
         # and those of batches computed but not yet written (what a read must see)
         self.cache: dict[tuple[int, str], bytes] = {}
         self.unwritten: dict[tuple[int, str], bytes] = {}
+        self.occupancy = Occupancy()  # users per journey step, per partition (agents.occupancy)
 
     # --- decoding ------------------------------------------------------------------------------
 
@@ -464,6 +466,7 @@ class BatchCore:
     def _apply(self, items: Sequence[Item], store: StateReader, out: BatchOutput, safe: bool) -> None:
         stored = self._stored(items, store)
         recs: dict[tuple[int, str], UserRecord] = {}  # decoded for this batch: fresh, so in the CPU's caches
+        before: dict[tuple[int, str], tuple[str, ...]] = {}  # each user's journey steps before the batch
         sink = BatchSink(self.topics, out, self.signer)
         now_ms = int(self.clock() * 1000)
         dirty, serialized, dumps, loads = out.dirty, out.serialized, orjson.dumps, orjson.loads
@@ -477,6 +480,7 @@ class BatchCore:
                 rec = recs[key] = (
                     upgrade_record(loads(raw)) if raw is not None else {"state": core.new_state(), "offsets": {}}
                 )
+                before[key] = steps_of(rec["state"])
             offsets = rec["offsets"]
             if offset >= 0 and offsets.get(topic, -1) >= offset:
                 out.duplicates += 1  # already applied before a crash or rebalance
@@ -500,12 +504,19 @@ class BatchCore:
         for p, ops in sink.timer_ops.items():
             out.local.setdefault(p, []).extend(ops.items())
         writes, unwritten = out.writes, self.unwritten
+        moved: set[int] = set()
         for (p, user), value in serialized.items():
             unwritten[(p, user)] = value
             w = writes.get(p)
             if w is None:
                 w = writes[p] = []
             w.append((user_key(user), value))
+            old, new = before[(p, user)], steps_of(recs[(p, user)]["state"])
+            if old != new:
+                self.occupancy.move(p, old, new)
+                moved.add(p)
+        for p in moved:  # durable with the records that moved
+            writes[p].append((OCCUPANCY, self.occupancy.encoded(p)))
 
     def _apply_item(
         self, rec: UserRecord, item: Item, sink: BatchSink, now_ms: int, out: BatchOutput, safe: bool
@@ -653,3 +664,4 @@ class BatchCore:
         again from the store, which holds exactly what was made durable."""
         self.cache.clear()
         self.unwritten.clear()
+        self.occupancy.forget()

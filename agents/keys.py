@@ -5,6 +5,8 @@
     t:<due, 8 bytes big-endian><user_id> -> b"1"   (the timer index, ordered by due time)
     __faust\\0offset__                    -> b"<offset>": the last changelog offset in this DB
     o:gen                                -> b"<generation>": this store's ownership generation (local)
+    c:users                              -> orjson {"<journey>\x1f<step>": users}: who is where now (agents.occupancy)
+    s:<journey>@<version>:<digest>       -> last user key a current-members scan checked (agents.members)
 
 User records and input positions are written to RocksDB and to the changelog in the same batch,
 so a restore brings back state and the input position that goes with it. The timer index is

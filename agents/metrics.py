@@ -51,6 +51,11 @@ EXPERIMENT = Counter(
     "Users per split arm (control included): entered the arm, and converted after it",
     ["journey", "split", "arm", "outcome"],
 )
+JOURNEY_USERS = Gauge(
+    "nudgeflow_journey_users",
+    "Users at each journey step now, in this worker's partitions (stored with the state: exact across restarts)",
+    ["journey", "step"],
+)
 MEMBER_SCAN = Counter(
     "nudgeflow_member_scan_users_total",
     "Current-members scans (entry: include_current_members): users checked, and admitted into the journey",

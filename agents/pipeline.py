@@ -31,14 +31,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 from mode import Service
 
 from nudgeflow.agents import metrics
 from nudgeflow.agents.align import Aligner
-from nudgeflow.agents.batch import BatchCore, BatchOutput, Item
+from nudgeflow.agents.batch import BatchCore, BatchOutput, Item, upgrade_record
 from nudgeflow.agents.inputs import InputReader
-from nudgeflow.agents.keys import position_key
+from nudgeflow.agents.keys import USER, position_key
 from nudgeflow.agents.members import MemberScanner
+from nudgeflow.agents.occupancy import OCCUPANCY
 from nudgeflow.agents.output import DeliveryError, Output
 from nudgeflow.agents.owners import GEN_HEADER, claim, read_owners, tainted
 from nudgeflow.agents.restore import restore_partitions
@@ -92,7 +94,8 @@ class Pipeline(Service):
         self._inflight: BatchOutput | None = None
         self._inflight_t0, self._inflight_n = 0.0, 0
         self._assigned_at = 0.0
-        self._last_scan = self._last_lag = 0.0
+        self._last_scan = self._last_lag = self._last_users = 0.0
+        self._users_labels: set[tuple[str, str]] = set()
         self._wake = asyncio.Event()
         self.gen_headers: dict[int, list[tuple[str, bytes]]] = {}  # per partition: this owner's generation
 
@@ -169,6 +172,7 @@ class Pipeline(Service):
                 log.info(
                     "partition %d: %d changelog record(s) restored in %.1fs", done.partition, done.records, done.seconds
                 )
+        await loop.run_in_executor(None, self._load_occupancy, sorted(partitions))
         positions: dict[tuple[str, int], int | None] = {(t, p): None for t in self.inputs for p in partitions}
         stored = {(t, p): off for p in partitions for t, off in self.store.positions(p, self.inputs).items()}
         missing = [tp for tp in positions if tp not in stored]
@@ -194,6 +198,32 @@ class Pipeline(Service):
         self._pause, self.ready = False, True
         self._paused.clear()
         self._wake.set()
+
+    def _load_occupancy(self, partitions: list[int]) -> None:
+        """Users per journey step of each partition: stored with the state (agents.occupancy), or
+        counted once from the records of a store that predates it."""
+        occupancy = self.core.occupancy
+        for p in partitions:
+            raw = self.store.get_many(p, [OCCUPANCY])[0]
+            if raw is not None:
+                occupancy.load(p, raw)
+            else:
+                states = (upgrade_record(orjson.loads(v))["state"] for v in self.store.values_from(p, USER))
+                occupancy.census(p, states)
+        self._users_gauge(force=True)
+
+    def _users_gauge(self, force: bool = False) -> None:
+        """nudgeflow_journey_users from the counts in memory (at most once a second)."""
+        now = time.monotonic()
+        if not force and now - self._last_users < 1.0:
+            return
+        self._last_users = now
+        totals = self.core.occupancy.totals()
+        for labels in self._users_labels - set(totals):
+            metrics.JOURNEY_USERS.labels(*labels).set(0)
+        for (journey, step), n in totals.items():
+            metrics.JOURNEY_USERS.labels(journey, step).set(n)
+        self._users_labels |= set(totals)
 
     def _claim(self, partitions: list[int]) -> tuple[dict[int, int], list[int]]:
         """Take ownership of the partitions (agents/owners.py): empty a local store that holds a
@@ -393,6 +423,7 @@ class Pipeline(Service):
         if out.parked_overflow:
             metrics.PARKED.labels("dead_lettered").inc(out.parked_overflow)
         metrics.count_many(out.counts)
+        self._users_gauge()
         for (channel, journey, step), k in out.sent_by.items():
             metrics.SENDS.labels(channel, journey, step).inc(k)
         for created in out.sent_at:

@@ -70,6 +70,16 @@ class StateStore:
             yield key
             it.next()
 
+    def values_from(self, partition: int, prefix: bytes) -> Iterator[bytes]:
+        """The values of every key that begins with prefix, in key order."""
+        it = self.db(partition).iter()
+        it.seek(prefix)
+        while it.valid():
+            if not it.key().startswith(prefix):
+                return
+            yield it.value()
+            it.next()
+
     def positions(self, partition: int, topics: Sequence[str]) -> dict[str, int]:
         """Where each input topic of this partition resumes, for the topics that have a position."""
         got = self.get_many(partition, [position_key(t) for t in topics])

@@ -27,6 +27,7 @@ class JourneyCounts:
     entered: int = 0
     converted: int = 0
     admitted: int = 0
+    has_now: bool = False  # the source says who is where now (waiting_now per step)
     exited: Counter[str] = field(default_factory=Counter)
     skipped: Counter[str] = field(default_factory=Counter)
     steps: dict[str, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
@@ -50,6 +51,7 @@ def counts_from_summary(path: Path) -> dict[str, JourneyCounts]:
             c.admitted = row.get("admitted_members", 0)
             c.exited.update(row.get("exited", {}))
             c.skipped.update(row.get("skipped", {}))
+            c.has_now = "in_journey_at_end" in row
         elif row.get("type") == "experiment":
             arm = out[row["journey"]].arms[(row["split"], row["arm"])]
             arm.update(entered=row["entered"], converted=row["converted"])
@@ -65,7 +67,7 @@ def counts_from_metrics(text: str) -> dict[str, JourneyCounts]:
         for s in fam.samples:
             lab, v = s.labels, int(s.value)
             jid = lab.get("journey")
-            if not jid or not s.name.endswith("_total"):
+            if not jid or not (s.name.endswith("_total") or s.name == "nudgeflow_journey_users"):
                 continue
             c = out[jid]
             match s.name:
@@ -88,6 +90,9 @@ def counts_from_metrics(text: str) -> dict[str, JourneyCounts]:
                 case "nudgeflow_sends_capped_total" | "nudgeflow_unreachable_total" | "nudgeflow_template_errors_total":
                     kind = s.name.removeprefix("nudgeflow_").removesuffix("_total")
                     c.steps[lab["step"]][kind] += v
+                case "nudgeflow_journey_users":
+                    c.steps[lab["step"]]["waiting_now"] += v
+                    c.has_now = True
                 case "nudgeflow_experiment_users_total":
                     c.arms[(lab["split"], lab["arm"])][lab["outcome"]] += v
                 case "nudgeflow_member_scan_users_total" if lab.get("outcome") == "admitted":
@@ -124,7 +129,11 @@ def stats_rows(js: g.JourneySet, counts: Mapping[str, JourneyCounts]) -> list[di
                 "type": "journey",
                 "journey": jid,
                 "entered": c.entered,
-                "active": c.entered - sum(c.exited.values()),
+                "active": (
+                    sum(sc["waiting_now"] for sc in c.steps.values())
+                    if c.has_now
+                    else c.entered - sum(c.exited.values())
+                ),
                 "converted": c.converted,
                 "exited": dict(c.exited),
                 "skipped": dict(c.skipped),
@@ -162,9 +171,10 @@ def format_stats(rows: Iterable[dict[str, Any]]) -> str:
                 line += f", {r['uplift_pp']:+.1f} points vs control (95% CI {low:+.1f} to {high:+.1f})"
             lines.append(line)
         else:
-            extra = {k: v for k, v in r.items() if k not in ("type", "journey", "step", "kind", "visits")}
-            detail = ", ".join(f"{k} {v}" for k, v in extra.items())
-            lines.append(f"    {r['step']:<24} {r['kind']:<28} visits {r.get('visits', 0):>8}  {detail}".rstrip())
+            skip = ("type", "journey", "step", "kind", "visits", "waiting_now")
+            detail = ", ".join(f"{k} {v}" for k, v in r.items() if k not in skip)
+            now = f"  here now {r['waiting_now']:>7}" if "waiting_now" in r else ""
+            lines.append(f"    {r['step']:<24} {r['kind']:<28} visits {r.get('visits', 0):>8}{now}  {detail}".rstrip())
     return "\n".join(lines).lstrip("\n") + "\n"
 
 

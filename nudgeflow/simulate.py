@@ -235,6 +235,18 @@ class Summary:
                 split, arm, what = fx.detail.split(":", 2)
                 self.arms[(fx.journey, split, arm)][what] += 1
 
+    def at_end(self, sim: Simulator) -> None:
+        """Who is still in a journey when the run ends (at which step): `waiting_now` per step."""
+        from nudgeflow.engine.core import journey_id
+
+        for jid in sim.journeys.journeys:
+            self.journeys[jid]["in_journey_at_end"] = 0
+        for st in sim.states.values():
+            for ik, inst in st["instances"].items():
+                jid = journey_id(ik)
+                self.steps[(jid, inst["step"])]["waiting_now"] += 1
+                self.journeys[jid]["in_journey_at_end"] = self.journeys[jid].get("in_journey_at_end", 0) + 1
+
     def rows(self, js: JourneySet) -> list[dict[str, Any]]:
         def in_journey_order(item: tuple[tuple[str, str], Counter[str]]) -> tuple[str, int, str]:
             (jid, step), _ = item
@@ -387,6 +399,7 @@ def run(
         progress(files.size - seen)
     sim.run_until(until if until is not None else last + DRAIN_HORIZON_MS)
     writer.flush()
+    tally.at_end(sim)
     rows = [*tally.rows(js), {"type": "input", "invalid_lines": files.bad, "users": len(sim.states)}]
     if sim.unanswered:
         steps = ", ".join(f"{j}/{s} ({n})" for (j, s), n in sorted(sim.unanswered.items()))

@@ -4,6 +4,7 @@ people drop out: `nudgeflow inspect --user` reads the state changelog, `nudgeflo
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
@@ -29,6 +30,13 @@ steps:
     next: end
   push: {send: push, title: "Still want cart {{ trigger.cart_id }}?"}
 """
+SLOW = """journey: slow
+name: a long wait
+entry: {event: signed_up}
+steps:
+  w: {wait: 1h}
+  hello: {send: email, subject: hello}
+"""
 
 
 def cli(w: Worker, *args: str) -> subprocess.CompletedProcess[str]:
@@ -41,6 +49,7 @@ def test_inspect_stats_and_graph_against_a_running_worker(broker: EmbeddedBroker
     journeys = tmp_path / "journeys"
     journeys.mkdir()
     (journeys / "cart.yaml").write_text(CART)
+    (journeys / "slow.yaml").write_text(SLOW)
     w = new_worker(broker, tmp_path, journeys).start()
     client = Client(broker, w.topics)
     now = int(time.time() * 1000)
@@ -49,11 +58,15 @@ def test_inspect_stats_and_graph_against_a_running_worker(broker: EmbeddedBroker
             client.produce("add_to_cart", u, {"user_id": u, "ts": now, "event_id": eid, "props": {"cart_id": cart}})
         client.produce("charged", "u1", {"user_id": "u1", "ts": now + 100, "props": {"cart_id": "C"}})
         client.produce("charged", "u3", {"user_id": "u3", "ts": now + 100, "props": {"cart_id": "X"}})  # not D
+        for u in ("s1", "s2"):
+            client.produce("custom_events", u, {"user_id": u, "event": "signed_up", "ts": now})
         pushes = [orjson.loads(m.value()) for m in client.read(client.topics.channel("push"), min_count=2, timeout=60)]
         assert sorted(p["user_id"] for p in pushes) == ["u2", "u3"]
         u2 = next(p for p in pushes if p["user_id"] == "u2")
 
         assert wait_for(lambda: w.metric("nudgeflow_journey_exits_total") == 3)
+        assert wait_for(lambda: w.metric("nudgeflow_journey_users", journey="slow", step="w") == 2)
+        assert w.metric("nudgeflow_journey_users", journey="cart-push") == 0
         got = cli(w, "inspect", "--user", "u2")
         assert got.returncode == 0, got.stderr
         assert "in no journey now" in got.stdout
@@ -65,7 +78,7 @@ def test_inspect_stats_and_graph_against_a_running_worker(broker: EmbeddedBroker
         url = f"http://127.0.0.1:{w.metrics_port}/metrics"
         stats = cli(w, "stats", "--counts", url, "--journeys", str(journeys))
         assert stats.returncode == 0, stats.stderr
-        lines = stats.stdout.splitlines()
+        lines = stats.stdout.split("\n\n")[0].splitlines()
         assert lines[0] == "cart-push: entered 3, in it now 0, converted 0"
         assert "exited: completed 3" in stats.stdout and "sent: push 2" in stats.stdout
         steps = [x.split()[0] for x in lines if x.startswith("    ")]
@@ -75,5 +88,11 @@ def test_inspect_stats_and_graph_against_a_running_worker(broker: EmbeddedBroker
         graph = cli(w, "graph", "cart-push", "--counts", url, "--journeys", str(journeys))
         assert graph.returncode == 0, graph.stderr
         assert 's0 -- "did charged 1" --> done' in graph.stdout and 's0 -- "timed out 2" --> s1' in graph.stdout
+
+        w.stop()  # who is where is stored with the state: a restarted worker still knows
+        w.start()
+        after = cli(w, "stats", "--counts", f"http://127.0.0.1:{w.metrics_port}/metrics", "--journeys", str(journeys))
+        assert "slow: entered 0, in it now 2, converted 0" in after.stdout  # counters restart, the state does not
+        assert re.search(r"^ +w +wait 1h +visits +0  here now +2$", after.stdout, re.M), after.stdout
     finally:
         w.stop()

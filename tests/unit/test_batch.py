@@ -59,7 +59,9 @@ def test_entry_writes_the_record_and_its_timer_and_a_replay_after_a_crash_is_a_n
     c, store = core(), MemStore()
     batch = [cart("u1", 5)]
     out = c.run(batch, store)
-    assert [k for k, _ in out.writes[0]] == [user_key("u1")]  # to RocksDB and the changelog
+    # to RocksDB and the changelog: the record, and who is at which step now (agents.occupancy)
+    assert out.writes[0][0][0] == user_key("u1")
+    assert out.writes[0][1] == (b"c:users", b'{"clevertap-cart-inaction\\u001fwait_30_minutes":1}')
     assert out.local[0] == [(b"t:" + (T0 + 30 * M).to_bytes(8, "big") + b"u1", b"1")]  # RocksDB only
     store.apply(out, c)
     again = core().run(batch, store)  # a new process reads the same offsets again
