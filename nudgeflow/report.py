@@ -14,7 +14,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, assert_never
 
 import orjson
 
@@ -194,18 +194,14 @@ def describe(n: g.Node) -> str:
             return "wait for the send window"
         case g.WaitFor():
             return f"wait for {n.event} ({_dur(n.timeout)})"
-        case g.Branch():
-            return "branch"
-        case g.Split():
-            return "split"
+        case g.Branch() | g.Split() | g.End():
+            return type(n).__name__.lower()
         case g.Update():
             return "update profile"
         case g.Call():
             return f"call {n.method}"
-        case g.End():
-            return "end"
         case _:
-            return type(n).__name__
+            assert_never(n)
 
 
 def _dur(ms: int) -> str:
@@ -285,46 +281,64 @@ def _node_text(sid: str, n: g.Node, c: JourneyCounts | None) -> list[str]:
     return lines
 
 
+@dataclass(frozen=True)
+class Picture:
+    """What both drawings show: the entry, each step, where users leave, and the labelled arrows."""
+
+    entry: list[str]
+    steps: list[tuple[str, g.Node, list[str]]]
+    done: list[str]
+    arrows: list[tuple[str, str, str]]  # (from, to, label or "")
+
+    @classmethod
+    def of(cls, j: g.Journey, c: JourneyCounts | None) -> Picture:
+        exits = ", ".join(f"{k} {v}" for k, v in sorted(c.exited.items())) if c else ""
+        arrows = [
+            (e.source, e.target, " ".join(x for x in (e.label, "" if e.count is None else str(e.count)) if x))
+            for e in edges(j, c)
+        ]
+        return cls(
+            entry=[j.name, _trigger(j)] + ([f"entered {c.entered}"] if c is not None else []),
+            steps=[(sid, n, _node_text(sid, n, c)) for sid, n in j.steps.items()],
+            done=["left the journey", *([exits] if exits else [])],
+            arrows=[("entry", j.first, ""), *arrows],
+        )
+
+
 def mermaid(j: g.Journey, c: JourneyCounts | None) -> str:
-    ids = {sid: f"s{i}" for i, sid in enumerate(j.steps)}
-    ids[g.END] = "done"
+    pic = Picture.of(j, c)
+    ids = {sid: f"s{i}" for i, sid in enumerate(j.steps)} | {g.END: "done", "entry": "entry"}
 
     def text(lines: list[str]) -> str:
         return "<br/>".join(x.replace('"', "#quot;") for x in lines)
 
-    entry = [j.name, _trigger(j)] + ([f"entered {c.entered}"] if c is not None else [])
-    out = ["flowchart TD", f'  entry(["{text(entry)}"])']
-    for sid, n in j.steps.items():
-        out.append(f'  {ids[sid]}["{text(_node_text(sid, n, c))}"]')
-    exits = ", ".join(f"{k} {v}" for k, v in sorted(c.exited.items())) if c else ""
-    out.append(f'  done(["{text(["left the journey", *([exits] if exits else [])])}"])')
-    out.append(f"  entry --> {ids[j.first]}")
-    for e in edges(j, c):
-        label = " ".join(x for x in (e.label, str(e.count) if e.count is not None else "") if x)
+    out = ["flowchart TD", f'  entry(["{text(pic.entry)}"])']
+    out += [f'  {ids[sid]}["{text(lines)}"]' for sid, _, lines in pic.steps]
+    out.append(f'  done(["{text(pic.done)}"])')
+    for source, target, label in pic.arrows:
         arrow = f' -- "{label}" -->' if label else " -->"
-        out.append(f"  {ids[e.source]}{arrow} {ids[e.target]}")
+        out.append(f"  {ids[source]}{arrow} {ids[target]}")
     return "\n".join(out) + "\n"
 
 
 def dot(j: g.Journey, c: JourneyCounts | None) -> str:
+    pic = Picture.of(j, c)
+
     def q(lines: list[str]) -> str:
         return '"' + "\\n".join(x.replace("\\", "\\\\").replace('"', '\\"') for x in lines) + '"'
 
-    entry = [j.name, _trigger(j)] + ([f"entered {c.entered}"] if c is not None else [])
     out = [
         f"digraph {q([j.id])} {{",
         '  rankdir=TB; node [shape=box, style="rounded", fontname="Helvetica"]; edge [fontname="Helvetica"];',
-        f"  entry [shape=oval, label={q(entry)}];",
+        f"  entry [shape=oval, label={q(pic.entry)}];",
     ]
-    for sid, n in j.steps.items():
+    for sid, n, lines in pic.steps:
         shape = "diamond" if isinstance(n, (g.Branch, g.Split)) else "box"
-        out.append(f"  {q([sid])} [shape={shape}, label={q(_node_text(sid, n, c))}];")
-    exits = ", ".join(f"{k} {v}" for k, v in sorted(c.exited.items())) if c else ""
-    out.append(f"  {q([g.END])} [shape=oval, label={q(['left the journey', *([exits] if exits else [])])}];")
-    out.append(f"  entry -> {q([j.first])};")
-    for e in edges(j, c):
-        label = " ".join(x for x in (e.label, str(e.count) if e.count is not None else "") if x)
-        out.append(f"  {q([e.source])} -> {q([e.target])}" + (f" [label={q([label])}]" if label else "") + ";")
+        out.append(f"  {q([sid])} [shape={shape}, label={q(lines)}];")
+    out.append(f"  {q([g.END])} [shape=oval, label={q(pic.done)}];")
+    for source, target, label in pic.arrows:
+        name = "entry" if source == "entry" else q([source])
+        out.append(f"  {name} -> {q([target])}" + (f" [label={q([label])}]" if label else "") + ";")
     return "\n".join(out) + "\n}\n"
 
 

@@ -127,6 +127,15 @@ class Worker:
         return sum(v for n, lab, v in self.samples() if n == name and labels.items() <= lab.items())
 
 
+def journeys_dir(tmp: Path, **files: str) -> Path:
+    """A journeys directory holding `name.yaml` for each keyword."""
+    d = tmp / "journeys"
+    d.mkdir()
+    for name, text in files.items():
+        (d / f"{name}.yaml").write_text(text)
+    return d
+
+
 def new_worker(broker: EmbeddedBroker, tmp: Path, journeys: Path) -> Worker:
     tag = uuid.uuid4().hex[:8]
     topics = Topics(f"t{tag}.")

@@ -20,7 +20,7 @@ import orjson
 import pytest
 
 from nudgeflow.broker import EmbeddedBroker
-from tests.integration.conftest import HERE, Client, new_worker, wait_for
+from tests.integration.conftest import HERE, Client, journeys_dir, new_worker, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -51,10 +51,7 @@ def titles(client: Client, channel: str, n: int = 0, timeout: float = 60) -> lis
 def test_same_version_edit_is_refused_then_accepted_users_on_removed_steps_leave(
     broker: EmbeddedBroker, tmp_path: Path
 ) -> None:
-    journeys = tmp_path / "journeys"
-    journeys.mkdir()
-    (journeys / "edit.yaml").write_text(EDIT_V1)
-    (journeys / "other.yaml").write_text(OTHER)
+    journeys = journeys_dir(tmp_path, edit=EDIT_V1, other=OTHER)
     w = new_worker(broker, tmp_path, journeys).start()
     client = Client(broker, w.topics)
     users = [f"e{i}" for i in range(5)]

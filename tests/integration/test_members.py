@@ -11,7 +11,7 @@ import orjson
 import pytest
 
 from nudgeflow.broker import EmbeddedBroker
-from tests.integration.conftest import Client, new_worker, wait_for
+from tests.integration.conftest import Client, journeys_dir, new_worker, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -33,10 +33,7 @@ steps:
 def test_current_members_are_admitted_by_a_paced_scan_that_survives_a_restart(
     broker: EmbeddedBroker, tmp_path: Path
 ) -> None:
-    journeys = tmp_path / "journeys"
-    journeys.mkdir()
-    (journeys / "segments.yaml").write_text(SEGMENTS)
-    (journeys / "other.yaml").write_text(OTHER)
+    journeys = journeys_dir(tmp_path, segments=SEGMENTS, other=OTHER)
     w = new_worker(broker, tmp_path, journeys)
     w.extra_env["NUDGEFLOW_MEMBER_SCAN_RATE"] = "4"  # 40 users: a scan of about ten seconds
     w.start()

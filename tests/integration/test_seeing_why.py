@@ -14,7 +14,7 @@ import orjson
 import pytest
 
 from nudgeflow.broker import EmbeddedBroker
-from tests.integration.conftest import Client, Worker, new_worker, wait_for
+from tests.integration.conftest import Client, Worker, journeys_dir, new_worker, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -46,10 +46,7 @@ def cli(w: Worker, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_inspect_stats_and_graph_against_a_running_worker(broker: EmbeddedBroker, tmp_path: Path) -> None:
-    journeys = tmp_path / "journeys"
-    journeys.mkdir()
-    (journeys / "cart.yaml").write_text(CART)
-    (journeys / "slow.yaml").write_text(SLOW)
+    journeys = journeys_dir(tmp_path, cart=CART, slow=SLOW)
     w = new_worker(broker, tmp_path, journeys).start()
     client = Client(broker, w.topics)
     now = int(time.time() * 1000)
