@@ -33,7 +33,7 @@ from typing import Any, NotRequired, Protocol, TypedDict, assert_never, cast
 import orjson
 
 from nudgeflow.agents.keys import timer_key, user_key
-from nudgeflow.agents.occupancy import OCCUPANCY, Occupancy, steps_of
+from nudgeflow.agents.occupancy import OCCUPANCY, Occupancy, Steps, steps_of
 from nudgeflow.engine import core
 from nudgeflow.engine.graph import JourneySet
 from nudgeflow.engine.io import (
@@ -466,7 +466,7 @@ class BatchCore:
     def _apply(self, items: Sequence[Item], store: StateReader, out: BatchOutput, safe: bool) -> None:
         stored = self._stored(items, store)
         recs: dict[tuple[int, str], UserRecord] = {}  # decoded for this batch: fresh, so in the CPU's caches
-        before: dict[tuple[int, str], tuple[str, ...]] = {}  # each user's journey steps before the batch
+        before: dict[tuple[int, str], Steps] = {}  # each user's journey steps before the batch
         sink = BatchSink(self.topics, out, self.signer)
         now_ms = int(self.clock() * 1000)
         dirty, serialized, dumps, loads = out.dirty, out.serialized, orjson.dumps, orjson.loads

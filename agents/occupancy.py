@@ -22,12 +22,16 @@ OCCUPANCY = b"c:users"
 SEP = "\x1f"
 
 
-def steps_of(state: Mapping[str, Any]) -> tuple[str, ...]:
-    """`journey<SEP>step` of each instance of a user's state."""
+Steps = tuple[tuple[str, str], ...]
+
+
+def steps_of(state: Mapping[str, Any]) -> Steps:
+    """(instance key, step) of each instance of a user's state (cheap: taken for every user a batch
+    touches; turned into journey names only when they differ)."""
     instances = state["instances"]
     if not instances:
         return ()
-    return tuple(journey_id(ik) + SEP + i["step"] for ik, i in instances.items())
+    return tuple([(ik, i["step"]) for ik, i in instances.items()])
 
 
 class Occupancy:
@@ -39,15 +43,16 @@ class Occupancy:
 
     def census(self, p: int, states: Iterable[Mapping[str, Any]]) -> None:
         """Count a partition's users where the counts were never stored."""
-        c: Counter[str] = Counter()
+        self.by_partition[p] = Counter()
         for st in states:
-            c.update(steps_of(st))
-        self.by_partition[p] = c
+            self.move(p, (), steps_of(st))
 
-    def move(self, p: int, before: tuple[str, ...], after: tuple[str, ...]) -> None:
+    def move(self, p: int, before: Steps, after: Steps) -> None:
         c = self.by_partition.setdefault(p, Counter())
-        c.subtract(before)
-        c.update(after)
+        for ik, step in before:
+            c[journey_id(ik) + SEP + step] -= 1
+        for ik, step in after:
+            c[journey_id(ik) + SEP + step] += 1
 
     def encoded(self, p: int) -> bytes:
         return orjson.dumps({k: v for k, v in self.by_partition.get(p, {}).items() if v})
