@@ -72,3 +72,29 @@ def test_current_members_are_admitted_by_a_paced_scan_that_survives_a_restart(
         assert w.metric("nudgeflow_member_scan_users_total", journey="members", outcome="checked") == 0
     finally:
         w.stop()
+
+
+LAPSED = """journey: lapsed
+name: we miss you
+entry: {segment_entered: quiet}
+steps:
+  miss_you: {send: email, subject: "We miss you {{ user.id }}"}
+"""
+
+
+def test_a_time_driven_segment_enters_users_with_no_new_input(broker: EmbeddedBroker, tmp_path: Path) -> None:
+    """`not: {has_done: ping, within: 3s}`: three seconds after the last ping the user is in the
+    segment again, from the durable timer index alone (issue 13, case 2)."""
+    segments = "segments:\n  quiet: {not: {has_done: ping, within: 3s}}\n"
+    w = new_worker(broker, tmp_path, journeys_dir(tmp_path, segments=segments, lapsed=LAPSED)).start()
+    client = Client(broker, w.topics)
+    try:
+        now = int(time.time() * 1000)
+        for u in ("q1", "q2"):
+            client.produce("custom_events", u, {"user_id": u, "event": "ping", "ts": now})
+        client.produce("custom_events", "q2", {"user_id": "q2", "event": "ping", "ts": now + 2000})
+        sends = [orjson.loads(m.value()) for m in client.read(client.topics.channel("email"), min_count=2, timeout=60)]
+        by_user = {s["user_id"]: s["created_at"] for s in sends}
+        assert by_user == {"q1": now + 3001, "q2": now + 5001}  # the window edges, exactly
+    finally:
+        w.stop()
