@@ -56,6 +56,7 @@ from nudgeflow.engine.io import (
     TimerCleared,
     TimerSet,
 )
+from nudgeflow.engine.schema import CHANNELS
 from nudgeflow.engine.state import UserState, clone, next_wake
 from nudgeflow.streams import wire
 from nudgeflow.streams.events import Decoder, Invalid, Release
@@ -262,10 +263,11 @@ class BatchSink:
     """The engine's Sink while a batch is applied: counts tallied, messages encoded as made, timer
     index operations kept per partition (a set and a clear of the same due in one batch cancel)."""
 
-    __slots__ = ("cancels", "counts", "out", "partition", "signer", "timer_ops", "topics")
+    __slots__ = ("cancels", "channel_topics", "counts", "out", "partition", "signer", "timer_ops", "topics")
 
     def __init__(self, topics: Topics, out: BatchOutput, signer: wire.Signer = wire.UNSIGNED) -> None:
         self.topics, self.out, self.signer = topics, out, signer
+        self.channel_topics = {c: topics.channel(c) for c in CHANNELS}
         self.counts = out.counts
         self.timer_ops: dict[int, dict[bytes, bytes | None]] = {}  # partition -> index key -> b"1" or delete
         self.partition = 0
@@ -280,7 +282,7 @@ class BatchSink:
         match fx:
             case SendRequest():
                 enc = wire.encode_send_request(fx, self.signer)
-                out.records.append(Record(self.topics.channel(fx.channel), enc.key, enc.value, enc.headers))
+                out.records.append(Record(self.channel_topics[fx.channel], enc.key, enc.value, enc.headers))
                 by = (fx.channel, fx.journey, fx.step)
                 out.sent_by[by] = out.sent_by.get(by, 0) + 1
                 out.sent_at.append(fx.created_at)

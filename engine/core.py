@@ -53,7 +53,7 @@ from nudgeflow.engine.io import (
     TimerSet,
 )
 from nudgeflow.engine.predicates import MAX_HISTORY, MISSING, Ref, get_path, reachable, ref_values, refs_match
-from nudgeflow.engine.state import Instance, UserState, clone, new_state, next_wake
+from nudgeflow.engine.state import Instance, UserState, clone, new_state, next_wake, recent_send
 from nudgeflow.engine.templates import RenderError, render_value
 from nudgeflow.engine.timeparse import iso_to_ms
 
@@ -705,7 +705,7 @@ class _Run:
         self.sink.emit(req)
         self.count("sent", j.id, msg.channel)
         recent = self.st.setdefault("recent", [])  # `nudgeflow inspect`: why did this user get it
-        recent.append([t, j.id, node.id, msg.channel, key, inst["trigger_event_id"]])
+        recent.append(recent_send(t, j.id, node.id, msg.channel, key, inst["trigger_event_id"]))
         if len(recent) > RECENT_SENDS:
             del recent[0]
         if capped:

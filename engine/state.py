@@ -54,7 +54,9 @@ class UserState(TypedDict):
     profile: dict[str, Any]  # profile attributes (from user_profiles and update steps)
     history: dict[str, list[int]]  # counter id -> sorted event times the conditions need
     seen: NotRequired[dict[str, list[list[Any]]]]  # keyed rule id -> [time, *values] (keyed waits, goals)
-    recent: NotRequired[list[list[Any]]]  # the last sends: [time, journey, step, channel, key, trigger event id]
+    # the last sends, newest last, one text each: "time journey step channel key trigger-event-id"
+    # (read with recent_sends; one string, not a list of six, is far cheaper to load and store)
+    recent: NotRequired[list[str]]
     seg_wake: NotRequired[int]  # when an event ages out of a segment's window (time-driven segments)
     sent: NotRequired[list[tuple[int, str]]]  # (time, channel) of marketing sends the frequency caps need
 
@@ -89,3 +91,24 @@ def clone(s: UserState) -> UserState:
         **({"recent": list(s["recent"])} if "recent" in s else {}),  # type: ignore[typeddict-item]
         **({"seen": {k: list(v) for k, v in s["seen"].items()}} if "seen" in s else {}),  # type: ignore[typeddict-item]
     }
+
+
+RecentSend = tuple[int, str, str, str, str, str | None]  # time, journey, step, channel, key, trigger event id
+
+
+def recent_send(t: int, journey: str, step: str, channel: str, key: str, trigger_event_id: str | None) -> str:
+    """One entry of `recent` (journey, step and channel ids have no spaces; the event id comes last)."""
+    return f"{t} {journey} {step} {channel} {key} {trigger_event_id or ''}"
+
+
+def recent_sends(st: UserState) -> list[RecentSend]:
+    """The user's last sends, newest last (entries stored as lists by earlier builds are read too)."""
+    out: list[RecentSend] = []
+    for e in st.get("recent", ()):
+        if isinstance(e, str):
+            t, journey, step, channel, key, trigger = e.split(" ", 5)
+            out.append((int(t), journey, step, channel, key, trigger or None))
+        else:
+            t, journey, step, channel, key, trigger = e
+            out.append((int(t), journey, step, channel, key, trigger))
+    return out

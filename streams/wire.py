@@ -153,18 +153,38 @@ def send_request_json_schema() -> dict[str, Any]:
     }
 
 
+_SECONDS: dict[int, bytes] = {}  # epoch second -> "YYYY-MM-DDTHH:MM:SS" (a send a millisecond costs no datetime)
+_CE_TYPE: dict[str, bytes] = {}
+_CE_SOURCE: dict[str, bytes] = {}
+
+
 def _iso(ms: int) -> bytes:
-    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z").encode()
+    """Epoch milliseconds as RFC 3339 UTC text with milliseconds, e.g. 2026-01-01T00:00:34.217Z."""
+    sec, milli = divmod(ms, 1000)
+    head = _SECONDS.get(sec)
+    if head is None:
+        if len(_SECONDS) >= 4096:
+            _SECONDS.clear()
+        head = _SECONDS[sec] = datetime.fromtimestamp(sec, UTC).strftime("%Y-%m-%dT%H:%M:%S").encode()
+    return b"%s.%03dZ" % (head, milli)
 
 
 def encode_send_request(req: SendRequest, signer: Signer = UNSIGNED) -> Encoded:
     key = req.key.encode()
+    ce_type = _CE_TYPE.get(req.channel)
+    if ce_type is None:
+        ce_type = _CE_TYPE[req.channel] = b"io.nudgeflow.send." + req.channel.encode()
+    ce_source = _CE_SOURCE.get(req.journey)
+    if ce_source is None:
+        if len(_CE_SOURCE) >= 4096:
+            _CE_SOURCE.clear()
+        ce_source = _CE_SOURCE[req.journey] = b"/nudgeflow/journeys/" + req.journey.encode()
     headers: Headers = [
         (IDEMPOTENCY_HEADER, key),
         ("ce_specversion", b"1.0"),
         ("ce_id", key),
-        ("ce_type", b"io.nudgeflow.send." + req.channel.encode()),
-        ("ce_source", b"/nudgeflow/journeys/" + req.journey.encode()),
+        ("ce_type", ce_type),
+        ("ce_source", ce_source),
         ("ce_time", _iso(req.created_at)),
         ("content-type", b"application/json"),
     ]
