@@ -156,17 +156,26 @@ class Aligner:
                 if not q and (bound := (self._open_bound(t, p, now), index[t])) < limit:
                     limit = bound
             released = 0
-            while full:
-                q = full[0] if len(full) == 1 else min(full, key=self._head_key)
-                head = q[0]
-                if (head.at, index[head.topic]) > limit:
-                    break
-                out.append(q.popleft())
-                released += 1
+            while full:  # a k-way merge by (time, topic order), a run of one queue at a time
+                if len(full) == 1:
+                    q, until = full[0], limit
+                else:
+                    q = min(full, key=self._head_key)
+                    until = min(min(self._head_key(o) for o in full if o is not q), limit)
+                topic = q[0].topic
+                # (at, index[topic]) <= until, for this queue's fixed topic: at <= last
+                last = until[0] if index[topic] <= until[1] else until[0] - 1
+                n = 0
+                while q and q[0].at <= last:
+                    out.append(q.popleft())
+                    n += 1
+                released += n
                 if not q:
                     full.remove(q)
-                    if (bound := (self._open_bound(head.topic, p, now), index[head.topic])) < limit:
+                    if (bound := (self._open_bound(topic, p, now), index[topic])) < limit:
                         limit = bound
+                elif n == 0:  # the earliest head is past what may go
+                    break
             self.held -= released
             self.held_in[p] -= released
         return out
