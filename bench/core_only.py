@@ -125,8 +125,8 @@ def main() -> None:
     secs = best
     print(
         f"core only: {a.n:,} events in {secs:.2f} s = {a.n / secs:,.0f} events/s "
-        f"({secs / a.n * 1e6:.1f} µs/event, {best_cpu / a.n * 1e6:.1f} µs CPU/event, best of {a.repeat}), batch {a.batch}, {sends:,} sends (due timers fired as "
-        "ticks, as in the worker)"
+        f"({secs / a.n * 1e6:.1f} µs/event, {best_cpu / a.n * 1e6:.1f} µs CPU/event, best of {a.repeat}), "
+        f"batch {a.batch}, {sends:,} sends (due timers fired as ticks, as in the worker)"
     )
 
 
