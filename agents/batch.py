@@ -66,13 +66,14 @@ NO_TIMESTAMP = 0  # confluent-kafka's TIMESTAMP_NOT_AVAILABLE
 
 
 class Message(Protocol):
-    """The accessors of a confluent_kafka.Message, which the pipeline passes as they come."""
+    """The accessors of a confluent_kafka.Message, which the pipeline passes as they come (messages
+    that carry an error never get here: they have a topic, partition and offset)."""
 
-    def topic(self) -> str | None: ...
+    def topic(self) -> str: ...
 
-    def partition(self) -> int | None: ...
+    def partition(self) -> int: ...
 
-    def offset(self) -> int | None: ...
+    def offset(self) -> int: ...
 
     def key(self) -> bytes | None: ...
 
@@ -362,20 +363,33 @@ class BatchCore:
         items: list[Item] = []
         watched = self.journeys.watched
         consumed, read = out.consumed, out.read
+        decode, ticks, feedback = self.decoder.decode, self.ticks_topic, self.feedback_topic
+        accept_keyless = self.keyless != "dead_letter"
+        dropped = out.dropped_upto
         for m in msgs:
-            topic, p, offset = cast(str, m.topic()), cast(int, m.partition()), cast(int, m.offset())
+            topic, p, offset = m.topic(), m.partition(), m.offset()
             consumed[topic] = consumed.get(topic, 0) + 1
             read[topic, p] = offset
-            inp, at = self._decode(m, topic, now_ms, out)
-            if inp is None:
+            if topic != ticks and topic != feedback:  # a user input: an event, most of the time
+                kind, kts = m.timestamp()
+                inp = decode(topic, m.value(), kts if kind != NO_TIMESTAMP and kts > 0 else None, now_ms)
+                key = m.key()
+                if isinstance(inp, Event) and (key == inp.user_id.encode() if key is not None else accept_keyless):
+                    got: Input | Release | None = inp
+                    at = inp.ts
+                else:
+                    got, at = self._checked(m, inp, now_ms, out)
+            else:
+                got, at = self._decode(m, topic, now_ms, out)
+            if got is None:
                 continue
-            if isinstance(inp, Event) and inp.name not in watched:
+            if isinstance(got, Event) and got.name not in watched:
                 # not applied, but how far the topic has got in event time still counts: the
                 # aligner must not wait for a busy topic whose events no journey uses
-                if at > out.dropped_upto.get((topic, p), -1):
-                    out.dropped_upto[topic, p] = at
+                if at > dropped.get((topic, p), -1):
+                    dropped[topic, p] = at
                 continue
-            items.append(Item(topic, p, offset, inp, at, m))
+            items.append(Item(topic, p, offset, got, at, m))
         return items
 
     def _decode(self, m: Message, topic: str, now_ms: int, out: BatchOutput) -> tuple[Input | Release | None, int]:
@@ -389,9 +403,13 @@ class BatchCore:
         if topic == self.feedback_topic and not self.signer.valid("feedback", m.key(), m.value(), m.headers()):
             self._dead(m, Invalid("bad_signature", "feedback without a valid signature (NUDGEFLOW_TOPIC_SECRET)"), out)
             return None, 0
-        inp = self.decoder.decode(topic, m.value(), kafka_ts(m), now_ms)
-        if inp.__class__ is not Invalid:
-            inp = self._key_policy(m, cast(Input | Release, inp))
+        return self._checked(m, self.decoder.decode(topic, m.value(), kafka_ts(m), now_ms), now_ms, out)
+
+    def _checked(
+        self, m: Message, decoded: Input | Release | Invalid, now_ms: int, out: BatchOutput
+    ) -> tuple[Input | Release | None, int]:
+        """A decoded message past the key policy, with the time it applies at (None: dead-lettered)."""
+        inp = self._key_policy(m, decoded) if not isinstance(decoded, Invalid) else decoded
         if isinstance(inp, Invalid):
             self._dead(m, inp, out)
             return None, 0
@@ -422,7 +440,7 @@ class BatchCore:
     def _dead(self, m: Message, bad: Invalid, out: BatchOutput) -> None:
         """The message to the dead-letter topic with its reason; as a stub (sizes and hashes, the
         coordinates to fetch the original) when it would not fit in a dead-letter message."""
-        topic, partition, offset = cast(str, m.topic()), cast(int, m.partition()), cast(int, m.offset())
+        topic, partition, offset = m.topic(), m.partition(), m.offset()
         out.invalid.append((topic, bad.reason))
         headers = wire.dead_letter_headers(bad.reason, bad.detail, topic, partition, offset)
         headers += [(f"original.{k}", v) for k, v in m.headers() or ()]
