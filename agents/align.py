@@ -159,6 +159,11 @@ class Aligner:
             while full:  # a k-way merge by (time, topic order), a run of one queue at a time
                 if len(full) == 1:
                     q, until = full[0], limit
+                elif len(full) == 2:  # the common case (say, carts and purchases): no key calls
+                    a, b = full
+                    ka, kb = (a[0].at, index[a[0].topic]), (b[0].at, index[b[0].topic])
+                    q, other = (a, kb) if ka < kb else (b, ka)
+                    until = other if other < limit else limit
                 else:
                     q = min(full, key=self._head_key)
                     until = min(min(self._head_key(o) for o in full if o is not q), limit)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from nudgeflow.agents.align import Aligner
 from nudgeflow.agents.batch import Item
 from nudgeflow.engine.io import Event
@@ -176,28 +178,30 @@ def test_a_busy_topic_whose_events_no_journey_uses_does_not_hold_the_others() ->
     assert [i.topic for i in al.release()] == ["add_to_cart"]
 
 
-def test_random_interleavings_release_one_merge_in_time_then_topic_order() -> None:
+@pytest.mark.parametrize("topics", [TOPICS, ("add_to_cart", "charged", "custom_events")])
+def test_random_interleavings_release_one_merge_in_time_then_topic_order(topics: tuple[str, ...]) -> None:
     import random
 
     rng = random.Random(7)
     for _ in range(200):
         clock = Clock()
-        a = aligner(clock)
-        times = {t: sorted(rng.randrange(50) for _ in range(rng.randrange(1, 30))) for t in TOPICS}
-        pending = [(t, off, at) for t in TOPICS for off, at in enumerate(times[t])]
-        cursor = dict.fromkeys(TOPICS, 0)
+        a = Aligner(topics, idle_ms=500, max_held=100, clock=clock)
+        a.track([0, 1], topics)
+        times = {t: sorted(rng.randrange(50) for _ in range(rng.randrange(1, 30))) for t in topics}
+        pending = [(t, off, at) for t in topics for off, at in enumerate(times[t])]
+        cursor = dict.fromkeys(topics, 0)
         released: list[Item] = []
-        while any(cursor[t] < len(times[t]) for t in TOPICS):
-            t = rng.choice([t for t in TOPICS if cursor[t] < len(times[t])])
+        while any(cursor[t] < len(times[t]) for t in topics):
+            t = rng.choice([t for t in topics if cursor[t] < len(times[t])])
             for _ in range(rng.randrange(1, 5)):  # a fetch: the next few of one topic
                 if cursor[t] < len(times[t]):
                     add(a, t, cursor[t], times[t][cursor[t]])
                     cursor[t] += 1
             released += a.release()
-        for t in TOPICS:
+        for t in topics:
             a.note_end(t, 0, len(times[t]))
         clock.now += 1
         released += a.release()
         assert a.held == 0
-        got = [(i.at, TOPICS.index(i.topic), i.offset) for i in released]
-        assert got == sorted((at, TOPICS.index(t), off) for t, off, at in pending)
+        got = [(i.at, topics.index(i.topic), i.offset) for i in released]
+        assert got == sorted((at, topics.index(t), off) for t, off, at in pending)
