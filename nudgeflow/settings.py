@@ -74,7 +74,9 @@ class Settings(BaseSettings):
     batch_max: int = Field(20_000, ge=1, description="input messages per processing batch, at most")
     batch_within_ms: int = Field(50, ge=1, description="how long an idle worker waits for input before it looks again")
     cache_users: int = Field(
-        100_000, ge=0, description="user records kept decoded in memory between batches (least recently used go)"
+        100_000,
+        ge=0,
+        description="user records kept in memory (as stored bytes) between batches (least recently used go)",
     )
     input_idle_ms: int = Field(
         500,
