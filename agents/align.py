@@ -159,7 +159,7 @@ class Aligner:
             while full:  # a k-way merge by (time, topic order), a run of one queue at a time
                 if len(full) == 1:
                     q, until = full[0], limit
-                elif len(full) == 2:  # the common case (say, carts and purchases): no key calls
+                elif len(full) == 2:  # the common case (carts and purchases): half the cost of the general one
                     a, b = full
                     ka, kb = (a[0].at, index[a[0].topic]), (b[0].at, index[b[0].topic])
                     q, other = (a, kb) if ka < kb else (b, ka)

@@ -364,17 +364,14 @@ class BatchCore:
         watched = self.journeys.watched
         consumed, read = out.consumed, out.read
         decode, ticks, feedback = self.decoder.decode, self.ticks_topic, self.feedback_topic
-        accept_keyless = self.keyless != "dead_letter"
-        dropped = out.dropped_upto
+        key_policy, dropped = self._key_policy, out.dropped_upto
         for m in msgs:
             topic, p, offset = m.topic(), m.partition(), m.offset()
             consumed[topic] = consumed.get(topic, 0) + 1
             read[topic, p] = offset
             if topic != ticks and topic != feedback:  # a user input: an event, most of the time
-                kind, kts = m.timestamp()
-                inp = decode(topic, m.value(), kts if kind != NO_TIMESTAMP and kts > 0 else None, now_ms)
-                key = m.key()
-                if isinstance(inp, Event) and (key == inp.user_id.encode() if key is not None else accept_keyless):
+                inp = decode(topic, m.value(), kafka_ts(m), now_ms)
+                if isinstance(inp, Event) and key_policy(m, inp) is inp:
                     got: Input | Release | None = inp
                     at = inp.ts
                 else:
