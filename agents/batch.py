@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, NotRequired, Protocol, TypedDict, assert_never, cast
@@ -235,7 +236,7 @@ class BatchOutput:
     writes: dict[int, list[Write]] = field(default_factory=dict)
     local: dict[int, list[Write]] = field(default_factory=dict)
     records: list[Record] = field(default_factory=list)
-    counts: dict[CountKey, int] = field(default_factory=dict)
+    counts: defaultdict[CountKey, int] = field(default_factory=lambda: defaultdict(int))
     invalid: list[tuple[str, str]] = field(default_factory=list)  # (topic, reason)
     consumed: dict[str, int] = field(default_factory=dict)  # topic -> messages
     read: dict[tuple[str, int], int] = field(default_factory=dict)  # (topic, p) -> offset of the last message read
@@ -275,8 +276,7 @@ class BatchSink:
         self.cancels = False  # whether a cleared timer counts as cancelled (an event, not a tick)
 
     def count(self, kind: CountKind, journey: str, detail: str) -> None:
-        key = (kind, journey, detail)
-        self.counts[key] = self.counts.get(key, 0) + 1
+        self.counts[kind, journey, detail] += 1
 
     def emit(self, fx: SendRequest | CallRequest | ProfileChanged) -> None:
         out = self.out
@@ -370,11 +370,15 @@ class BatchCore:
             consumed[topic] = consumed.get(topic, 0) + 1
             read[topic, p] = offset
             if topic != ticks and topic != feedback:  # a user input: an event, most of the time
-                inp = decode(topic, m.value(), kafka_ts(m), now_ms)
+                # the Kafka timestamp matters only to a message without a valid `ts` of its own,
+                # which decodes as Invalid without it: only then is it decoded again with it
+                inp = decode(topic, m.value(), None, now_ms)
                 if isinstance(inp, Event) and key_policy(m, inp) is inp:
                     got: Input | Release | None = inp
                     at = inp.ts
                 else:
+                    if isinstance(inp, Invalid):
+                        inp = decode(topic, m.value(), kafka_ts(m), now_ms)
                     got, at = self._checked(m, inp, now_ms, out)
             else:
                 got, at = self._decode(m, topic, now_ms, out)

@@ -33,7 +33,7 @@ def position_key(topic: str) -> bytes:
 
 
 def timer_key(due: int, user: str) -> bytes:
-    return TIMER + max(due, 0).to_bytes(8, "big") + user.encode()
+    return TIMER + (due if due > 0 else 0).to_bytes(8, "big") + user.encode()
 
 
 def parse_timer_key(key: bytes) -> tuple[int, str]:

@@ -275,6 +275,8 @@ def catch_up(broker: EmbeddedBroker, work: Path, a: argparse.Namespace, m: dict[
     finally:
         w.stop()
     assert first is not None and last is not None
+    if last <= first:  # every event was processed between two looks at the worker's metrics
+        raise SystemExit(f"--n {a.n:,} is too few events to time (all processed within 0.25 s): use --n 100000 or more")
     pushes = read_all(broker.bootstrap, push_topic)[push_before:]
     in_window, total, keys = check(pushes, m["final_wm"], m["part"])
     conversions = int(mx.get("nudgeflow_journey_conversions_total", 0))

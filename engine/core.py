@@ -880,7 +880,7 @@ def _recipient(profile: Mapping[str, Any], channel: str) -> str | None:
 
 def journey_id(ik: str) -> str:
     """The journey of an instance key: `<journey>` or, per correlation value, `<journey>#<value>`."""
-    return ik.split("#", 1)[0]
+    return ik.split("#", 1)[0] if "#" in ik else ik
 
 
 def _keyed(refs: tuple[Ref, ...], props: Mapping[str, Any], inst: Instance) -> bool:

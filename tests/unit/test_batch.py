@@ -111,6 +111,20 @@ def test_malformed_message_goes_to_dead_letter_with_reason_and_original_bytes() 
     assert user_key("u1") in [k for k, _ in out.writes[0]]  # the good message after it was processed
 
 
+def test_an_event_without_ts_takes_the_kafka_timestamp_and_without_either_is_dead_lettered() -> None:
+    c = core()
+    no_ts = {"user_id": "u1", "props": {"product": "Hoodie"}}
+    stamped = msg("add_to_cart", 0, no_ts)  # Kafka timestamp T0
+    unstamped = Raw("add_to_cart", 0, 1, b"u1", orjson.dumps(no_ts), None)
+    out = BatchOutput()
+    items = c.decode([stamped, unstamped], out)
+    assert [(i.offset, i.at, i.input.ts) for i in items] == [(0, T0, T0)]
+    assert out.invalid == [("add_to_cart", "bad_timestamp")]
+    # an explicit ts wins over the Kafka timestamp
+    (item,) = c.decode([msg("add_to_cart", 2, {**no_ts, "ts": T0 - 5})], BatchOutput())
+    assert item.at == T0 - 5
+
+
 def test_unwatched_events_cost_no_state_read_or_write() -> None:
     class NoReads(MemStore):
         def get_many(self, partition: int, keys: list[bytes]) -> list[bytes | None]:
