@@ -119,16 +119,27 @@ class Aligner:
 
     def add(self, item: Item) -> bool:
         """Hold an input of an event topic (True); inputs of other topics are not held (False)."""
-        bufs = self.bufs.get(item.partition)
-        if bufs is None or item.topic not in self._event_topic_set:
-            return False
-        bufs[item.topic].append(item)
-        pr = self.progress.get((item.topic, item.partition))
-        if pr is not None and item.at > pr.newest:
-            pr.newest = item.at
-        self.held += 1
-        self.held_in[item.partition] += 1
-        return True
+        return not self.add_all([item])
+
+    def add_all(self, items: Iterable[Item]) -> list[Item]:
+        """`add` each input (a fetch's worth, in one call); those not held, in their order."""
+        all_bufs, topics, progress, held_in = self.bufs, self._event_topic_set, self.progress, self.held_in
+        rest: list[Item] = []
+        held = 0
+        for item in items:
+            p, topic = item.partition, item.topic
+            bufs = all_bufs.get(p)
+            if bufs is None or topic not in topics:
+                rest.append(item)
+                continue
+            bufs[topic].append(item)
+            pr = progress.get((topic, p))
+            if pr is not None and item.at > pr.newest:
+                pr.newest = item.at
+            held += 1
+            held_in[p] += 1
+        self.held += held
+        return rest
 
     def _open_bound(self, topic: str, p: int, now: float) -> float:
         """For a topic of partition p with nothing buffered: no input earlier than this can still

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import platform
-from collections.abc import Mapping
+from bisect import bisect_left
+from collections.abc import Iterable, Mapping
 from typing import assert_never
 
 from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics
@@ -164,3 +165,22 @@ def count_many(counts: Mapping[tuple[CountKind, str, str], int]) -> None:
                 MEMBER_SCAN.labels(journey, "admitted").inc(n)
             case _:
                 assert_never(kind)
+
+
+def observe_many(hist: Histogram, amounts: Iterable[float]) -> None:
+    """`hist.observe(a)` for each amount, tallied first: one increment per bucket touched and one
+    of the sum (a batch's send latencies and timer lateness: ~1 µs saved per observation).
+    Reads the histogram's bucket bounds and values as prometheus-client (pinned) keeps them;
+    tests/unit/test_metrics_bulk.py checks it against `observe`."""
+    bounds = hist._upper_bounds  # ascending, the last is +Inf
+    tally = [0] * len(bounds)
+    total = 0.0
+    for a in amounts:
+        total += a
+        tally[bisect_left(bounds, a)] += 1  # the first bucket with a <= bound, as observe picks
+    if not any(tally):
+        return
+    hist._sum.inc(total)  # (a histogram with labels has no values of its own: observe a child)
+    for i, k in enumerate(tally):
+        if k:
+            hist._buckets[i].inc(k)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Producer
@@ -67,6 +67,24 @@ class Output:
                 return
             except BufferError:  # local queue full: let librdkafka drain it, then try again
                 self.producer.poll(0.05)
+            except KafkaException as e:
+                raise DeliveryError(f"cannot produce to {topic}: {e}") from e
+
+    def produce_many(
+        self,
+        topic: str,
+        pairs: Iterable[tuple[bytes, bytes | None]],
+        partition: int,
+        headers: list[tuple[str, bytes]] | None = None,
+    ) -> None:
+        """`produce` of each (key, value) to one partition (a batch's changelog records), in order."""
+        cb = self._tracked if topic == self.track_topic else self._delivered
+        produce = self.producer.produce
+        for key, value in pairs:
+            try:
+                produce(topic, value, key, partition, on_delivery=cb, headers=headers)
+            except BufferError:  # local queue full: the one-by-one way waits for room
+                self.produce(topic, value, key, partition, headers)
             except KafkaException as e:
                 raise DeliveryError(f"cannot produce to {topic}: {e}") from e
 

@@ -304,11 +304,8 @@ class Pipeline(Service):
         self.aligner.note_times(out.dropped_upto)
         for topic, p, offset in reader.ends():
             self.aligner.note_end(topic, p, offset)
-        ready: list[Item] = []
         aligner = self.aligner
-        for item in items:
-            if not aligner.add(item):
-                ready.append(item)
+        ready = aligner.add_all(items)
         ready += aligner.release()
         pause, resume = aligner.flow()
         reader.pause(pause)
@@ -371,11 +368,10 @@ class Pipeline(Service):
                 out.positions[(topic, p)] = pos
 
     def _produce(self, out: BatchOutput) -> None:
-        produce, changelog, gen_headers = self.output.produce, self.changelog, self.gen_headers
+        output, changelog, gen_headers = self.output, self.changelog, self.gen_headers
         for p, writes in out.writes.items():
-            headers = gen_headers.get(p)
-            for key, value in writes:
-                produce(changelog, value, key, p, headers)
+            output.produce_many(changelog, writes, p, gen_headers.get(p))
+        produce = output.produce
         for r in out.records:
             produce(r.topic, r.value, r.key, r.partition, r.headers)
 
@@ -426,17 +422,13 @@ class Pipeline(Service):
         self._users_gauge()
         for (channel, journey, step), k in out.sent_by.items():
             metrics.SENDS.labels(channel, journey, step).inc(k)
-        for created in out.sent_at:
-            metrics.SEND_LATENCY.observe(max(0.0, now - created / 1000))
-        fired = 0
-        for _, due, stale in out.ticks:
-            if stale:
-                metrics.TIMERS_STALE.inc()
-            else:
-                fired += 1
-                metrics.TIMER_LATENESS.observe(max(0.0, now - due / 1000))
-        if fired:
-            metrics.TIMERS_FIRED.inc(fired)
+        metrics.observe_many(metrics.SEND_LATENCY, [max(0.0, now - created / 1000) for created in out.sent_at])
+        lateness = [max(0.0, now - due / 1000) for _, due, stale in out.ticks if not stale]
+        metrics.observe_many(metrics.TIMER_LATENESS, lateness)
+        if len(lateness) < len(out.ticks):
+            metrics.TIMERS_STALE.inc(len(out.ticks) - len(lateness))
+        if lateness:
+            metrics.TIMERS_FIRED.inc(len(lateness))
         if out.timers_cancelled:
             metrics.TIMERS_CANCELLED.inc(out.timers_cancelled)
         for p in set(out.timers_set) | set(out.timers_cleared):
