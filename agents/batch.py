@@ -345,7 +345,8 @@ class BatchCore:
         # stored bytes of records: those written to the store (least recently used first, bounded),
         # and those of batches computed but not yet written (what a read must see)
         self.cache: dict[tuple[int, str], bytes] = {}
-        self.unwritten: dict[tuple[int, str], bytes] = {}
+        # the records of each batch computed but not yet written (oldest first; one, at most two)
+        self.pending: list[dict[tuple[int, str], bytes]] = []
         self.occupancy = Occupancy()  # users per journey step, per partition (agents.occupancy)
 
     # --- decoding ------------------------------------------------------------------------------
@@ -468,12 +469,16 @@ class BatchCore:
     def _stored(self, keys: Iterable[tuple[int, str]], store: StateReader) -> dict[tuple[int, str], bytes | None]:
         """The stored bytes of these (partition, user) records (None: no record yet): not yet
         written, cached, or read from the store (one multi-get per partition)."""
-        unwritten, cache = self.unwritten, self.cache
+        pending, cache = self.pending[::-1], self.cache  # the newest first
         found: dict[tuple[int, str], bytes | None] = {}
         missing: dict[int, list[str]] = {}
         for key in keys:
-            raw = unwritten.get(key)
-            if raw is None:
+            raw = None
+            for batch in pending:
+                raw = batch.get(key)
+                if raw is not None:
+                    break
+            else:
                 raw = cache.get(key)
             found[key] = raw
             if raw is None:
@@ -542,7 +547,8 @@ class BatchCore:
             if old != new:
                 moves.append((p, old, new))
         # what outlives the batch changes only once it is computed whole (a redo starts afresh)
-        self.unwritten.update(serialized)
+        if serialized:
+            self.pending.append(serialized)
         for p, old, new in moves:
             occupancy.move(p, old, new)
         for p, ops in sink.timer_ops.items():
@@ -683,17 +689,22 @@ class BatchCore:
 
     def written(self, out: BatchOutput) -> None:
         """A batch's writes are in the store now: their bytes move to the cache (most recent last)."""
-        unwritten, cache = self.unwritten, self.cache
-        for key, value in out.serialized.items():
-            if unwritten.get(key) is value:  # not since changed by a later batch
-                del unwritten[key]
-            cache.pop(key, None)
-            cache[key] = value
+        done, cache = out.serialized, self.cache
+        self.pending = [batch for batch in self.pending if batch is not done]  # a later one may still hold newer
+        pop = cache.pop
+        for key in done:
+            pop(key, None)
+        cache.update(done)
         self.evict()
+
+    @property
+    def unwritten(self) -> dict[tuple[int, str], bytes]:
+        """What a read sees of the records computed but not yet written (the newest of each)."""
+        return {key: raw for batch in self.pending for key, raw in batch.items()}
 
     def forget(self) -> None:
         """Drop every cached record (a rebalance, or a batch that was abandoned): they are read
         again from the store, which holds exactly what was made durable."""
         self.cache.clear()
-        self.unwritten.clear()
+        self.pending.clear()
         self.occupancy.forget()
