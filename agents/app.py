@@ -28,7 +28,7 @@ from nudgeflow.agents.members import MemberScanner
 from nudgeflow.agents.output import Output
 from nudgeflow.agents.pipeline import Pipeline, PipelineConfig
 from nudgeflow.agents.restore import RestoreError
-from nudgeflow.agents.store import StateStore
+from nudgeflow.agents.store import MEMORY_OPTION, StateStore
 from nudgeflow.agents.timers import TimerScanner
 from nudgeflow.engine.graph import JourneySet
 from nudgeflow.settings import Settings
@@ -78,7 +78,7 @@ def build_app(settings: Settings, journeys: JourneySet) -> tuple[faust.App, Pipe
     app = faust.App(
         s.app_id,
         broker=f"kafka://{s.bootstrap}",
-        store="rocksdb://",
+        store="nudgeflow://",  # Faust's RocksDB store with one memory budget for all partitions (agents.store)
         datadir=str(s.data_dir),
         topic_partitions=partitions,
         consumer_auto_offset_reset="earliest",
@@ -101,9 +101,8 @@ def build_app(settings: Settings, journeys: JourneySet) -> tuple[faust.App, Pipe
         value_type=bytes,
         options={
             "driver": "rocksdict",
-            "block_cache_size": s.block_cache_mb * 2**20,
-            # bounded memtables: memory per partition stays ~2 x write_buffer_mb + the block cache
-            "write_buffer_size": s.write_buffer_mb * 2**20,
+            MEMORY_OPTION: s.rocksdb_memory_mb * 2**20,
+            "write_buffer_size": 16 * 2**20,
             "max_write_buffer_number": 2,
         },
         help="per-user journey state, input positions and the timer index",

@@ -93,9 +93,11 @@ class Settings(BaseSettings):
     session_timeout_s: float = Field(10.0, description="consumer group session timeout")
     heartbeat_s: float = Field(2.0)
     rebalance_timeout_s: float = Field(10.0)
-    block_cache_mb: int = Field(32, description="RocksDB block cache per table partition")
-    write_buffer_mb: int = Field(
-        16, description="RocksDB memtable size per table partition (two of them at most); Faust's default is 64 x 3"
+    rocksdb_memory_mb: int = Field(
+        256,
+        ge=16,
+        description="RocksDB memory of a worker, all of its state partitions together: one block cache, which "
+        "their memtables are charged to (at most half of it; each partition's memtable flushes at 16 MB)",
     )
     accept_edited_journeys: bool = Field(
         False,
