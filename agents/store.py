@@ -38,8 +38,8 @@ class SharedMemoryOptions(faust_rocksdb.RocksDBOptions):
     """Faust's RocksDB options, except that every partition's database uses the same block cache,
     and their memtables are charged to that cache by one write buffer manager (at most half of
     it): a worker's RocksDB memory stays within one budget however many partitions it is given
-    (Faust makes a block cache per partition and bounds nothing across them: with 8 partitions
-    and 16 MB memtables a worker measured ~840 MiB peak RSS in bench/peers_compare.py)."""
+    (Faust's options make a cache and memtables per partition, bounded by nothing across them:
+    32 partitions, 32 times the memory)."""
 
     def __init__(self, memory_bytes: int, **kwargs: Any) -> None:
         super().__init__(**kwargs)
