@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, NotRequired, Protocol, TypedDict, assert_never, cast
@@ -44,7 +44,7 @@ from nudgeflow.engine.io import (
     CallRequest,
     CallResult,
     Count,
-    CountKind,
+    CountKey,
     Enroll,
     Event,
     Feedback,
@@ -224,7 +224,6 @@ class Record:
 
 
 Write = tuple[bytes, bytes | None]  # (key, value); None deletes
-CountKey = tuple[CountKind, str, str]  # (kind, journey, detail): see engine.io.Count
 
 
 @dataclass
@@ -262,21 +261,34 @@ class StateReader(Protocol):
 
 
 class BatchSink:
-    """The engine's Sink while a batch is applied: counts tallied, messages encoded as made, timer
-    index operations kept per partition (a set and a clear of the same due in one batch cancel)."""
+    """The engine's Sink while a batch is applied. Counts are appended as they come (`count` is
+    `list.append`: no Python call for the several counts an event makes) and tallied once per
+    batch; messages are encoded as made. The timer index changes once per user and batch, from the
+    wake-up the user had when the batch took them up to the one they have when it is done with
+    them (`user_done`): every move in between is a pair that would cancel in the index."""
 
-    __slots__ = ("cancels", "channel_topics", "counts", "out", "partition", "signer", "timer_ops", "topics")
+    __slots__ = (
+        "cancels",
+        "channel_topics",
+        "count",
+        "moved",
+        "out",
+        "signer",
+        "tallies",
+        "topics",
+        "wake",
+        "was",
+    )
 
     def __init__(self, topics: Topics, out: BatchOutput, signer: wire.Signer = wire.UNSIGNED) -> None:
         self.topics, self.out, self.signer = topics, out, signer
         self.channel_topics = {c: topics.channel(c) for c in CHANNELS}
-        self.counts = out.counts
-        self.timer_ops: dict[int, dict[bytes, bytes | None]] = {}  # partition -> index key -> b"1" or delete
-        self.partition = 0
+        self.tallies: list[CountKey] = []
+        self.count: Callable[[CountKey], None] = self.tallies.append
         self.cancels = False  # whether a cleared timer counts as cancelled (an event, not a tick)
-
-    def count(self, kind: CountKind, journey: str, detail: str) -> None:
-        self.counts[kind, journey, detail] += 1
+        self.moved = False  # the current user's wake-up moved in this batch: from `was` to `wake`
+        self.was: int | None = None
+        self.wake: int | None = None
 
     def emit(self, fx: SendRequest | CallRequest | ProfileChanged) -> None:
         out = self.out
@@ -297,23 +309,36 @@ class BatchSink:
                 assert_never(fx)
 
     def timer(self, user: str, old: int | None, new: int | None) -> None:
-        p, out = self.partition, self.out
-        ops = self.timer_ops.get(p)
+        if not self.moved:
+            self.moved, self.was = True, old
+        self.wake = new
+        if old is not None and self.cancels:
+            self.out.timers_cancelled += 1
+
+    def user_done(self, p: int, user: str) -> None:
+        """The batch is done with this user: their index entry moves (if it did) in one change."""
+        self.moved = False
+        was, wake, out = self.was, self.wake, self.out
+        if was == wake:
+            return
+        ops = out.local.get(p)
         if ops is None:
-            ops = self.timer_ops[p] = {}
-        if old is not None:
-            key = timer_key(old, user)
-            if ops.get(key) is not None:
-                del ops[key]  # set and cleared within this batch
-            else:
-                ops[key] = None
+            ops = out.local[p] = []
+        if was is not None:
+            ops.append((timer_key(was, user), None))
             out.timers_cleared[p] = out.timers_cleared.get(p, 0) + 1
-            out.timers_cancelled += self.cancels
-        if new is not None:
-            ops[timer_key(new, user)] = b"1"
+        if wake is not None:
+            ops.append((timer_key(wake, user), b"1"))
             out.timers_set[p] = out.timers_set.get(p, 0) + 1
-            if new < out.earliest_timer.get(p, new + 1):
-                out.earliest_timer[p] = new
+            if wake < out.earliest_timer.get(p, wake + 1):
+                out.earliest_timer[p] = wake
+
+    def tally(self) -> None:
+        """The batch's counts into its output, one tally (a C loop) for all of them."""
+        counts = self.out.counts
+        for key, n in Counter(self.tallies).items():
+            counts[key] += n
+        self.tallies.clear()
 
 
 class _Redo(Exception):
@@ -517,8 +542,8 @@ class BatchCore:
             )
             old = steps_of(rec["state"])
             offsets = rec["offsets"]
-            sink.partition = p
             changed = False
+            wake: int | None = core.UNKNOWN_WAKE  # the state's next wake-up, once an input has told
             for item in group:
                 offset, topic = item.offset, item.topic
                 if offset >= 0 and offsets.get(topic, -1) >= offset:
@@ -527,13 +552,17 @@ class BatchCore:
                 if item.input.__class__ is Event and not safe and "quarantine" not in rec:  # the hot path
                     sink.cancels = True
                     try:
-                        apply_engine(rec["state"], item.input, item.at, journeys, sink, now_ms)
+                        wake = apply_engine(rec["state"], item.input, item.at, journeys, sink, now_ms, wake)
                     except Exception as e:
                         raise _Redo from e
                     offsets[topic] = offset
-                elif not self._apply_item(rec, item, sink, now_ms, out, safe):
-                    continue
+                else:
+                    wake = core.UNKNOWN_WAKE
+                    if not self._apply_item(rec, item, sink, now_ms, out, safe):
+                        continue
                 changed = True
+            if sink.moved:
+                sink.user_done(p, key[1])
             if not changed:
                 continue
             value = serialized[key] = dumps(rec)
@@ -549,10 +578,9 @@ class BatchCore:
         # what outlives the batch changes only once it is computed whole (a redo starts afresh)
         if serialized:
             self.pending.append(serialized)
+        sink.tally()
         for p, old, new in moves:
             occupancy.move(p, old, new)
-        for p, ops in sink.timer_ops.items():
-            out.local.setdefault(p, []).extend(ops.items())
         for p in {p for p, _, _ in moves}:  # durable with the records that moved
             writes[p].append((OCCUPANCY, occupancy.encoded(p)))
 
@@ -625,7 +653,7 @@ class BatchCore:
         for fx in effects.effects:
             match fx:
                 case Count():
-                    sink.count(fx.kind, fx.journey, fx.detail)
+                    sink.count((fx.kind, fx.journey, fx.detail))
                 case TimerCleared():
                     sink.timer(fx.user_id, fx.due, None)
                 case TimerSet():

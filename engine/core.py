@@ -36,7 +36,7 @@ from nudgeflow.engine.io import (
     CallRequest,
     CallResult,
     Count,
-    CountKind,
+    CountKey,
     Effect,
     Enroll,
     Event,
@@ -57,7 +57,7 @@ from nudgeflow.engine.state import Instance, UserState, clone, new_state, next_w
 from nudgeflow.engine.templates import RenderError, render_value
 from nudgeflow.engine.timeparse import iso_to_ms
 
-__all__ = ["EffectList", "apply", "idempotency_key", "new_state", "next_wake", "process", "segments_of"]
+__all__ = ["UNKNOWN_WAKE", "EffectList", "apply", "idempotency_key", "new_state", "next_wake", "process", "segments_of"]
 
 MAX_STEPS_PER_RUN = 200
 PAUSE_RECHECK_MS = 3_600_000
@@ -81,15 +81,27 @@ def process(state: UserState | None, inp: Input, now: int, js: g.JourneySet) -> 
     return Result(st, effects.effects)
 
 
-def apply(st: UserState, inp: Input, now: int, js: g.JourneySet, sink: Sink, wall: int | None = None) -> None:
+UNKNOWN_WAKE = -1  # `apply`'s `wake` when the caller does not know the state's next wake-up
+
+
+def apply(
+    st: UserState,
+    inp: Input,
+    now: int,
+    js: g.JourneySet,
+    sink: Sink,
+    wall: int | None = None,
+    wake: int | None = UNKNOWN_WAKE,
+) -> int | None:
     """`process` in place: change `st` and report effects to `sink` (the worker's batch core owns
     its states for the length of a batch, so it saves the copy). `wall`: the processing time, when
     it runs ahead of the journey time (a worker catching up): a call's answer comes in processing
-    time, so the call's timeout counts from there."""
-    run = _Run(st, inp.user_id, js, sink)
+    time, so the call's timeout counts from there. `wake`: `next_wake(st)`, when the caller knows
+    it (what the previous `apply` to this state returned). Returns the state's next wake-up."""
+    run = _Run(st, inp.user_id, js, sink, wake)
     run.wall = wall
     run.apply(inp, now)
-    run.finish(now)
+    return run.finish(now)
 
 
 def segments_of(st: UserState, user: str, js: g.JourneySet, t: int) -> dict[str, bool]:
@@ -106,8 +118,8 @@ class EffectList:
     def __init__(self) -> None:
         self.effects: list[Effect] = []
 
-    def count(self, kind: CountKind, journey: str, detail: str) -> None:
-        self.effects.append(Count(kind, journey, detail))
+    def count(self, c: CountKey, /) -> None:
+        self.effects.append(Count(*c))
 
     def emit(self, fx: SendRequest | CallRequest | ProfileChanged) -> None:
         self.effects.append(fx)
@@ -141,8 +153,8 @@ class _Run:
         "wall",
     )
 
-    def __init__(self, st: UserState, user: str, js: g.JourneySet, sink: Sink) -> None:
-        self.old_wake = next_wake(st)
+    def __init__(self, st: UserState, user: str, js: g.JourneySet, sink: Sink, wake: int | None = UNKNOWN_WAKE) -> None:
+        self.old_wake = next_wake(st) if wake == UNKNOWN_WAKE else wake
         self.st, self.user, self.js, self.sink = st, user, js, sink
         self.count = sink.count
         self.event_props: Mapping[str, Any] | None = None
@@ -179,7 +191,7 @@ class _Run:
         if clock > now:  # a late input may have started waits that are already over
             self.advance(clock)
 
-    def finish(self, now: int) -> None:
+    def finish(self, now: int) -> int | None:
         st = self.st
         if now > st["clock"]:
             st["clock"] = now
@@ -193,6 +205,7 @@ class _Run:
         new = next_wake(st)
         if new != self.old_wake:
             self.sink.timer(self.user, self.old_wake, new)
+        return new
 
     def on_event(self, ev: Event, t: int) -> None:
         st, js = self.st, self.js
@@ -235,7 +248,7 @@ class _Run:
                 continue
             if performed:
                 assert isinstance(node, g.WaitFor)
-                self.count("step", j.id, f"{node.id}:performed")
+                self.count(("step", j.id, f"{node.id}:performed"))
                 self.move(j, ik, node.next, t)
         for ik, done in list(st["attribution"].items()) if st["attribution"] else ():
             j = js.journeys.get(journey_id(ik))
@@ -248,9 +261,9 @@ class _Run:
                 and (not j.goal.rule.refs or refs_match(j.goal.rule.refs, ev.props, done.get("key", ())))
             ):
                 done = st["attribution"].pop(ik)
-                self.count("converted", j.id, "after_exit")
+                self.count(("converted", j.id, "after_exit"))
                 if "arm" in done:
-                    self.count("experiment", j.id, f"{done['arm']}:converted")
+                    self.count(("experiment", j.id, f"{done['arm']}:converted"))
         for j in js.by_trigger.get(name, ()):
             if j.entry.where(props):
                 self.try_enter(j, t, dict(props), ev.event_id)
@@ -288,9 +301,9 @@ class _Run:
         if j is not None and j.entry.enrolled:
             self.try_enter(j, t, dict(inp.props), None)
         elif j is not None:
-            self.count("skipped", j.id, "not_enrollable")
+            self.count(("skipped", j.id, "not_enrollable"))
         else:  # counted, not dropped silently (the journey label stays bounded: empty)
-            self.count("skipped", "", "unknown_journey")
+            self.count(("skipped", "", "unknown_journey"))
 
     def on_member_check(self, inp: MemberCheck, t: int) -> None:
         """Admit a current member of the segment of a journey that just activated, once per
@@ -303,7 +316,7 @@ class _Run:
             return
         if not self.in_segment(j.entry.segment_entered, t):
             return
-        self.count("admitted", j.id, "member")
+        self.count(("admitted", j.id, "member"))
         self.try_enter(j, t, {}, None)
         hist = st["entries"].get(j.id)
         if hist is not None and hist["times"] and hist["times"][-1] == t:
@@ -318,7 +331,7 @@ class _Run:
         elif status == "subscribed":
             profile.pop(f"unsubscribed_{inp.channel}", None)
         if inp.journey and inp.step:
-            self.count("feedback", inp.journey, f"{inp.step}:{status}")
+            self.count(("feedback", inp.journey, f"{inp.step}:{status}"))
 
     def on_call_result(self, res: CallResult, t: int) -> None:
         for ik, inst in list(self.st["instances"].items()):
@@ -332,7 +345,7 @@ class _Run:
                 inst["vars"] = {**inst["vars"], node.save_as: res.body}
                 self.move(j, ik, node.next, t)
             else:
-                self.count("step", j.id, f"{node.id}:error")
+                self.count(("step", j.id, f"{node.id}:error"))
                 self.move(j, ik, node.on_error, t)
             return
 
@@ -454,7 +467,7 @@ class _Run:
         if j.entry.instance_per is not None:  # one instance per value (this cart, this booking)
             value = get_path(trigger, j.entry.instance_per)
             if value is None or value is MISSING or isinstance(value, (dict, list)):
-                self.count("skipped", j.id, "no_instance_key")
+                self.count(("skipped", j.id, "no_instance_key"))
                 return
             ik = f"{j.id}#{value}"
         if j.entry.open and j.status == "active":  # the common case, without the general checks
@@ -462,7 +475,7 @@ class _Run:
         else:
             reason = self.refusal(j, ik, t)
         if reason is not None:
-            self.count("skipped", j.id, reason)
+            self.count(("skipped", j.id, reason))
             return
         if ik in st["instances"]:
             self.exit(j, ik, "restarted", t)
@@ -490,7 +503,7 @@ class _Run:
             "vars": {},
             "converted": False,
         }
-        self.count("entered", j.id, "")
+        self.count(("entered", j.id, ""))
         self.run(j, ik, t)
         if st["history"] or st.get("seen"):
             self.replay_later(j, ik, t)
@@ -523,9 +536,9 @@ class _Run:
                 self.exit(j, ik, "exit_event", at)
         elif kind == 0 and ik in st["attribution"] and at <= st["attribution"][ik]["until"]:
             done = st["attribution"].pop(ik)
-            self.count("converted", j.id, "after_exit")
+            self.count(("converted", j.id, "after_exit"))
             if "arm" in done:
-                self.count("experiment", j.id, f"{done['arm']}:converted")
+                self.count(("experiment", j.id, f"{done['arm']}:converted"))
 
     def rule_last(self, r: g.Rule, ik: str) -> int | None:
         """The newest time the rule's event happened (for a keyed rule: for this instance's key)."""
@@ -541,13 +554,13 @@ class _Run:
         assert j.goal is not None
         if j.goal.within is None or t <= inst["entered"] + j.goal.within:
             inst["converted"] = True
-            self.count("converted", j.id, "")
+            self.count(("converted", j.id, ""))
             if "arm" in inst:
-                self.count("experiment", j.id, f"{inst['arm']}:converted")
+                self.count(("experiment", j.id, f"{inst['arm']}:converted"))
 
     def exit(self, j: g.Journey, ik: str, reason: str, t: int) -> None:
         inst = self.st["instances"].pop(ik)
-        self.count("exited", j.id, reason)
+        self.count(("exited", j.id, reason))
         if j.goal and j.goal.within and not inst["converted"] and reason != "restarted":
             until = inst["entered"] + j.goal.within
             if until >= t:
@@ -563,7 +576,7 @@ class _Run:
         j = self.js.journeys.get(journey_id(ik))
         if j is None:
             del self.st["instances"][ik]
-            self.count("exited", journey_id(ik), "journey_removed")
+            self.count(("exited", journey_id(ik), "journey_removed"))
             return None
         if inst["step"] not in j.steps:  # whatever the version: an edit removed the step
             self.exit(j, ik, "step_removed", t)
@@ -609,11 +622,11 @@ class _Run:
         node = j.steps[inst["step"]]
         match node:
             case g.WaitFor():
-                self.count("step", j.id, f"{node.id}:timed_out")
+                self.count(("step", j.id, f"{node.id}:timed_out"))
                 self.move(j, ik, node.on_timeout, t)
             case g.Call():
                 inst.pop("call", None)
-                self.count("step", j.id, f"{node.id}:timed_out")
+                self.count(("step", j.id, f"{node.id}:timed_out"))
                 self.move(j, ik, node.on_error, t)
             case g.Wait() | g.WaitUntil() | g.WaitWindow():
                 self.move(j, ik, node.next, t)
@@ -642,7 +655,7 @@ class _Run:
         for _ in range(MAX_STEPS_PER_RUN):
             inst = instances[ik]
             node = j.steps[inst["step"]]
-            self.count("visit", j.id, node.id)
+            self.count(("visit", j.id, node.id))
             target = self.run_step(j, ik, inst, node, t)
             if target is None:
                 return
@@ -686,24 +699,24 @@ class _Run:
         while msg is not None and not reachable(profile, msg.channel):
             msg = msg.fallback
         if msg is None:
-            self.count("unreachable", j.id, node.id)
+            self.count(("unreachable", j.id, node.id))
             return node.next
         capped = j.category == "marketing" and bool(self.js.caps)
         if capped and (free_at := self.cap_free_at(msg.channel, t)) is not None:
             if j.when_capped == "delay":  # the step runs again when the cap allows it (same key)
-                self.count("step", j.id, f"{node.id}:delayed")
+                self.count(("step", j.id, f"{node.id}:delayed"))
                 inst["wake"] = free_at
                 return None
-            self.count("capped", j.id, node.id)
+            self.count(("capped", j.id, node.id))
             return node.next
         key = idempotency_key(j.id, self.user, inst["entry_no"], node.id, inst["moves"])
         try:
             req = self.render(j, inst, node.id, msg, key, t)
         except RenderError:  # not sent: a broken or runaway text never reaches a customer
-            self.count("template_error", j.id, node.id)
+            self.count(("template_error", j.id, node.id))
             return node.next
         self.sink.emit(req)
-        self.count("sent", j.id, msg.channel)
+        self.count(("sent", j.id, msg.channel))
         recent = self.st.setdefault("recent", [])  # `nudgeflow inspect`: why did this user get it
         recent.append(recent_send(t, j.id, node.id, msg.channel, key, inst["trigger_event_id"]))
         if len(recent) > RECENT_SENDS:
@@ -773,9 +786,9 @@ class _Run:
         target = next(nxt for upper, nxt in node.arms if bucket < upper)
         arm = f"{node.id}:{'control' if target == g.END else target}"
         inst["arm"] = arm
-        self.count("experiment", j.id, f"{arm}:entered")
+        self.count(("experiment", j.id, f"{arm}:entered"))
         if target == g.END:
-            self.count("step", j.id, f"{node.id}:control")
+            self.count(("step", j.id, f"{node.id}:control"))
         return target
 
     def run_update(self, j: g.Journey, inst: Instance, node: g.Update, t: int) -> str:
@@ -784,7 +797,7 @@ class _Run:
         try:
             rendered = render_value(node.set, {**self.context(j, inst), "now": t})
         except RenderError:  # no attribute of this update is set: half an update is worse than none
-            self.count("template_error", j.id, node.id)
+            self.count(("template_error", j.id, node.id))
             return node.next
         for k, v in rendered.items():
             changes[k] = profile[k] = v
@@ -816,8 +829,8 @@ class _Run:
                 created_at=t,
             )
         except RenderError:  # the call is not made: the step fails at once
-            self.count("template_error", j.id, node.id)
-            self.count("step", j.id, f"{node.id}:error")
+            self.count(("template_error", j.id, node.id))
+            self.count(("step", j.id, f"{node.id}:error"))
             return node.on_error
         inst["call"] = key
         inst["wake"] = max(t, self.wall or t) + node.timeout  # the answer arrives in processing time

@@ -179,13 +179,16 @@ class TimerCleared:
 
 
 Effect = SendRequest | CallRequest | Count | ProfileChanged | TimerSet | TimerCleared
+CountKey = tuple[CountKind, str, str]  # (kind, journey, detail): a Count as the engine reports it
 
 
 class Sink(Protocol):
     """Where the engine reports what an input caused (`core.apply`). `core.EffectList` keeps effect
     objects; the worker's batch core tallies counts and encodes messages as they come."""
 
-    def count(self, kind: CountKind, journey: str, detail: str) -> None: ...
+    def count(self, c: CountKey, /) -> None:
+        """One analytics count (a tuple, not three arguments: the worker's sink is `list.append`,
+        which costs no Python call for the several counts an event makes)."""
 
     def emit(self, fx: SendRequest | CallRequest | ProfileChanged) -> None: ...
 

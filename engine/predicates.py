@@ -388,4 +388,6 @@ def _has_done(spec: Mapping[str, Any], reg: CounterRegistry) -> Cond:
 def reachable(profile: Mapping[str, Any], channel: str) -> bool:
     """A channel is reachable unless the profile says otherwise (reachable_<channel>: false, after a
     bounce) or the user opted out of it (unsubscribed_<channel>: true)."""
+    if not profile:  # most users: nothing said about any channel
+        return True
     return profile.get(f"reachable_{channel}", True) is not False and profile.get(f"unsubscribed_{channel}") is not True

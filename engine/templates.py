@@ -138,7 +138,7 @@ class Text:
                 continue
             v: Any = ctx
             for key in part:
-                if not isinstance(v, Mapping) or key not in v:
+                if (v.__class__ is not dict and not isinstance(v, Mapping)) or key not in v:
                     return None  # missing: Jinja decides (default filter, dict attributes, ...)
                 v = v[key]
             if v is not None and not isinstance(v, (str, int, float)):

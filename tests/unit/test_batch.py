@@ -147,6 +147,26 @@ def test_ticks_are_classified_fired_or_stale_and_purchases_cancel_timers() -> No
     assert c2.run([msg("charged", 0, {"user_id": "u2", "ts": T0 + M})], store2).timers_cancelled == 1
 
 
+def test_the_timer_index_changes_once_per_user_and_batch_and_counts_are_tallied() -> None:
+    c, store = core(), MemStore()
+    store.apply(c.run([cart("u1", 0), cart("u2", 1)], store), c)
+    assert store.timers() == [(T0 + 30 * M, "u1"), (T0 + 30 * M, "u2")]
+    # u1 restarts three times (each restart clears the wait it set), u2 buys, u3 enters and buys
+    batch = [cart("u1", 2 + i, T0 + (i + 1) * M) for i in range(3)]
+    batch += [msg("charged", 0, {"user_id": "u2", "ts": T0 + M})]
+    batch += [cart("u3", 5, T0 + M), msg("charged", 1, {"user_id": "u3", "ts": T0 + 2 * M})]
+    out = c.run(batch, store)
+    ops = sorted((parse_timer_key(k), v) for k, v in out.local[0])
+    assert ops == [((T0 + 30 * M, "u1"), None), ((T0 + 30 * M, "u2"), None), ((T0 + 33 * M, "u1"), b"1")]
+    assert out.timers_set == {0: 1} and out.timers_cleared == {0: 2} and out.earliest_timer == {0: T0 + 33 * M}
+    assert out.timers_cancelled == 5  # 3 restarts' and 2 purchases' cleared waits
+    journey = "clevertap-cart-inaction"
+    assert out.counts[("entered", journey, "")] == 4 and out.counts[("exited", journey, "restarted")] == 3
+    assert out.counts[("converted", journey, "")] == 2 and out.counts[("exited", journey, "converted")] == 2
+    store.apply(out, c)
+    assert store.timers() == [(T0 + 33 * M, "u1")]
+
+
 def test_records_stay_cached_between_batches_within_the_bound() -> None:
     c, store = core(cache_users=2), MemStore()
     store.apply(c.run([cart(u, i) for i, u in enumerate(("u1", "u2", "u3"))], store), c)
