@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, NotRequired, Protocol, TypedDict, assert_never, cast
@@ -235,7 +235,7 @@ class BatchOutput:
     writes: dict[int, list[Write]] = field(default_factory=dict)
     local: dict[int, list[Write]] = field(default_factory=dict)
     records: list[Record] = field(default_factory=list)
-    counts: defaultdict[CountKey, int] = field(default_factory=lambda: defaultdict(int))
+    counts: Counter[CountKey] = field(default_factory=Counter)
     invalid: list[tuple[str, str]] = field(default_factory=list)  # (topic, reason)
     consumed: dict[str, int] = field(default_factory=dict)  # topic -> messages
     read: dict[tuple[str, int], int] = field(default_factory=dict)  # (topic, p) -> offset of the last message read
@@ -335,9 +335,7 @@ class BatchSink:
 
     def tally(self) -> None:
         """The batch's counts into its output, one tally (a C loop) for all of them."""
-        counts = self.out.counts
-        for key, n in Counter(self.tallies).items():
-            counts[key] += n
+        self.out.counts.update(self.tallies)
         self.tallies.clear()
 
 
