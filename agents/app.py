@@ -138,6 +138,7 @@ def build_app(settings: Settings, journeys: JourneySet) -> tuple[faust.App, Pipe
             batch_max=s.batch_max,
             batch_within_ms=s.batch_within_ms,
             timer_interval_ms=s.timer_interval_ms,
+            checkpoint_ms=s.checkpoint_ms,
             revoke_timeout_s=max(1.0, s.rebalance_timeout_s * 0.6),
             client_conf=conf,
             app_id=s.app_id,

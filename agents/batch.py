@@ -713,9 +713,22 @@ class BatchCore:
             for key in list(itertools.islice(cache, excess)):
                 del cache[key]
 
+    def fold(self, into: dict[tuple[int, str], bytes], out: BatchOutput) -> None:
+        """The records of the batch computed last join a larger unit that is written as one (the
+        pipeline's checkpoint): reads see them there, and `written_records(into)` moves them all."""
+        batch = out.serialized
+        into.update(batch)
+        self.pending = [layer for layer in self.pending if layer is not batch and layer is not into]
+        self.pending.append(into)
+        out.serialized = {}
+
     def written(self, out: BatchOutput) -> None:
         """A batch's writes are in the store now: their bytes move to the cache (most recent last)."""
-        done, cache = out.serialized, self.cache
+        self.written_records(out.serialized)
+
+    def written_records(self, done: dict[tuple[int, str], bytes]) -> None:
+        """These records are in the store now: their bytes move to the cache (most recent last)."""
+        cache = self.cache
         self.pending = [batch for batch in self.pending if batch is not done]  # a later one may still hold newer
         pop = cache.pop
         for key in done:

@@ -5,17 +5,24 @@ One loop does everything that touches user state, so nothing needs a lock:
     read a fetch of input messages (agents.inputs)      decode, dead-letter the bad ones
     hold / release them in event-time order (align)      take the due timers (timers)
     apply the released inputs and ticks (batch)          -> records, sends, positions
-    wait until the previous batch is delivered, write it to RocksDB, count it
-    produce this batch and go round again
+    wait until what was produced before is delivered (and write a checkpoint that was)
+    produce this batch's send requests, calls and dead letters; keep its state changes in the
+    current checkpoint; every CHECKPOINT_MS (or when the input runs dry) produce the checkpoint's
+    changelog records, and go round again
 
-so one batch is always in flight while the next is computed. A batch's changelog records, send
-requests, calls and dead letters are produced together; only when every one of them is
-acknowledged is the batch written to the store, with the input positions it reached, and only
-then are its metrics counted. Nothing is acknowledged that is not durable: after a crash the
-inputs are read again from the stored positions and the per-user offsets make the replay a no-op.
+so what was produced is always in flight while the next batch is computed. Send requests leave
+with their batch (a batch's latency is not the checkpoint's); state is made durable a checkpoint
+at a time, which spans batches: a user active in several batches of one checkpoint is written to
+RocksDB and the changelog once, not once per batch (Quix Streams' checkpoint does the same). A batch
+is counted in the metrics once what it produced is delivered; only when everything a checkpoint
+covers is acknowledged, its own changelog records and its batches' outputs, is it written to the
+store with the input positions it reached. Nothing is acknowledged that is not durable: after a crash the inputs
+are read again from the stored positions, the per-user offsets make the durable part of the
+replay a no-op, and the send requests of the batches after the last checkpoint are produced
+again with the same idempotency keys, which senders deliver once.
 
-Rebalances: when Faust revokes partitions the loop stops at a safe point (the batch in flight
-made durable, or abandoned if it cannot be within the rebalance timeout; the next one dropped),
+Rebalances: when Faust revokes partitions the loop stops at a safe point (what was computed made
+durable, or abandoned if it cannot be within the rebalance timeout; a batch computed meanwhile dropped),
 and everything in memory is forgotten. When Faust has assigned partitions (and, with nudgeflow's
 Recovery, "recovered" them at once), `assign` restores each partition's store from its changelog
 in bulk (agents.restore), seeks the inputs to their stored positions and starts again.
@@ -28,7 +35,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -36,7 +43,7 @@ from mode import Service
 
 from nudgeflow.agents import metrics
 from nudgeflow.agents.align import Aligner
-from nudgeflow.agents.batch import BatchCore, BatchOutput, Item, upgrade_record
+from nudgeflow.agents.batch import BatchCore, BatchOutput, Item, Write, upgrade_record
 from nudgeflow.agents.inputs import InputReader
 from nudgeflow.agents.keys import USER, position_key
 from nudgeflow.agents.members import MemberScanner
@@ -57,10 +64,51 @@ class PipelineConfig:
     batch_max: int
     batch_within_ms: int
     timer_interval_ms: int
+    checkpoint_ms: int
     revoke_timeout_s: float
     client_conf: dict[str, Any]
     app_id: str
     owners_topic: str  # agents/owners.py
+
+
+@dataclass
+class Applied:
+    """A batch applied and produced: its output (counted when its checkpoint is durable), the
+    input messages it read, when it started and when its records were delivered."""
+
+    out: BatchOutput
+    n: int
+    t0: float
+    delivered_at: float = 0.0
+    seconds: float = 0.0
+
+
+@dataclass
+class Checkpoint:
+    """The state changes of the batches applied since the last checkpoint, the newest per key:
+    written to the changelog and RocksDB together, with the input positions they reached."""
+
+    started: float = field(default_factory=time.monotonic)
+    writes: dict[int, dict[bytes, bytes | None]] = field(default_factory=dict)  # changelog and store
+    local: dict[int, dict[bytes, bytes | None]] = field(default_factory=dict)  # store only: the timer index
+    positions: dict[tuple[str, int], int] = field(default_factory=dict)
+    batches: int = 0
+    records: dict[tuple[int, str], bytes] = field(default_factory=dict)  # the user records written (batch core)
+
+    def absorb(self, out: BatchOutput) -> None:
+        """A batch's state changes into the checkpoint (a later batch's value of a key wins)."""
+        for into, changes in ((self.writes, out.writes), (self.local, out.local)):
+            for p, ops in changes.items():
+                d = into.get(p)
+                if d is None:
+                    d = into[p] = {}
+                d.update(ops)
+        self.positions.update(out.positions)
+        out.writes, out.local = {}, {}
+
+
+def _lists(changes: dict[int, dict[bytes, bytes | None]]) -> dict[int, list[Write]]:
+    return {p: list(d.items()) for p, d in changes.items()}
 
 
 class Pipeline(Service):
@@ -91,8 +139,9 @@ class Pipeline(Service):
         self.ended = False  # the loop ended without being asked to
         self._pause = False  # a rebalance or a stop asked the loop to stand still
         self._paused = asyncio.Event()
-        self._inflight: BatchOutput | None = None
-        self._inflight_t0, self._inflight_n = 0.0, 0
+        self._unsettled: list[Applied] = []  # produced, delivery not yet confirmed
+        self._acc = self._new_checkpoint()  # the batches since the last checkpoint
+        self._inflight: Checkpoint | None = None  # its changelog records produced, not yet written
         self._assigned_at = 0.0
         self._last_scan = self._last_lag = self._last_users = 0.0
         self._users_labels: set[tuple[str, str]] = set()
@@ -116,12 +165,20 @@ class Pipeline(Service):
         try:
             await asyncio.wait_for(self._paused.wait(), self.cfg.revoke_timeout_s)
         except TimeoutError:
-            log.warning("the batch in flight could not be made durable in time: abandoned (its inputs are read again)")
+            log.warning("what was computed could not be made durable in time: abandoned (its inputs are read again)")
         self._forget()
         self.partitions = []
 
+    def _new_checkpoint(self) -> Checkpoint:
+        ck = Checkpoint()
+        self.scanner.unwritten.append(ck.local)  # due timers are found in it until it is written
+        return ck
+
     def _forget(self) -> None:
         self._inflight = None
+        self._unsettled = []
+        self.scanner.unwritten.clear()
+        self._acc = self._new_checkpoint()
         self.reader.unassign()
         self.aligner.reset()
         self.core.forget()
@@ -266,16 +323,14 @@ class Pipeline(Service):
                     self._forget()
                     await asyncio.sleep(1.0)
                     await self._start(partitions)
-        finally:  # stopping: the batch in flight is made durable (or given up), then stand still
+        finally:  # stopping: what was computed is made durable (or given up), then stand still
             self.ended = not self.should_stop
             self._pause = True
-            if self._inflight is not None:
-                await self._settle()
+            await self._flush()
             self._paused.set()
 
     async def _stand_still(self) -> None:
-        if self._inflight is not None:
-            await self._settle()
+        await self._flush()
         self._paused.set()
         self._wake.clear()
         if self._pause or not self.ready:
@@ -327,13 +382,14 @@ class Pipeline(Service):
         self._positions(out)
         await self._settle()
         if self._pause:
-            return  # computed on top of what will be forgotten: dropped
-        if out.writes or out.records or out.local:
+            return  # computed on top of what may be forgotten: dropped (the positions say where to read again)
+        if msgs or ready:
             self._produce(out)
-            self._inflight, self._inflight_t0 = out, t0
-            self._inflight_n = len(msgs)
-        else:  # nothing to make durable: count it now
-            self._account(out, len(msgs), t0)
+            self._unsettled.append(Applied(out, len(msgs), t0))
+            self._absorb(out)
+        acc = self._acc
+        if acc.batches and (not msgs or time.monotonic() - acc.started >= cfg.checkpoint_ms / 1000):
+            self._checkpoint()  # due, or the input ran dry: nothing to gain by waiting
 
     def _due_ticks(self, now: float) -> list[Item]:
         aligner, ticks_topic = self.aligner, self.topics.ticks
@@ -364,41 +420,90 @@ class Pipeline(Service):
         for topic, p in out.read:
             pos = aligner.position(topic, p)
             if pos is not None:
-                out.writes.setdefault(p, []).append((position_key(topic), b"%d" % pos))
                 out.positions[(topic, p)] = pos
 
+    def _absorb(self, out: BatchOutput) -> None:
+        """A produced batch's state changes into the current checkpoint; the timers it set or
+        cleared count (and are found by the scanner) at once."""
+        acc = self._acc
+        acc.absorb(out)
+        acc.batches += 1
+        self.core.fold(acc.records, out)
+        scanner = self.scanner
+        for p in set(out.timers_set) | set(out.timers_cleared):
+            scanner.applied(p, out.timers_set.get(p, 0), out.timers_cleared.get(p, 0))
+        for p, due in out.earliest_timer.items():
+            scanner.rewind(p, due)
+
+    def _checkpoint(self) -> None:
+        """Close the current checkpoint: its input positions go last (a changelog cut short
+        restores records without the positions past them), then its changelog records go out."""
+        ck, self._acc = self._acc, self._new_checkpoint()
+        for (topic, p), pos in ck.positions.items():
+            d = ck.writes.get(p)
+            if d is None:
+                d = ck.writes[p] = {}
+            d[position_key(topic)] = b"%d" % pos
+        self._produce_checkpoint(ck)
+        self._inflight = ck
+
     def _produce(self, out: BatchOutput) -> None:
-        output, changelog, gen_headers = self.output, self.changelog, self.gen_headers
-        for p, writes in out.writes.items():
-            output.produce_many(changelog, writes, p, gen_headers.get(p))
-        produce = output.produce
+        produce = self.output.produce
         for r in out.records:
             produce(r.topic, r.value, r.key, r.partition, r.headers)
 
-    async def _settle(self) -> None:
-        """The batch in flight: wait until delivered (producing it again after a failure), then
-        write it to the store and count it. A rebalance or stop gives up on a failing batch."""
-        out = self._inflight
-        if out is None:
-            return
+    def _produce_checkpoint(self, ck: Checkpoint) -> None:
+        output, changelog, gen_headers = self.output, self.changelog, self.gen_headers
+        for p, writes in ck.writes.items():
+            output.produce_many(changelog, writes.items(), p, gen_headers.get(p))
+
+    def _produce_again(self) -> None:
+        for a in self._unsettled:
+            self._produce(a.out)
+        if self._inflight is not None:
+            self._produce_checkpoint(self._inflight)
+
+    async def _settle(self) -> bool:
+        """Wait until everything produced is delivered (producing it all again after a failure),
+        count the batches delivered, then write the checkpoint in flight to the store. A rebalance or
+        stop gives up on a failing delivery (False: quiesce forgets it all, its inputs are read
+        again)."""
+        if not self._unsettled and self._inflight is None:
+            return True
         attempts = await self.output.deliver(
-            lambda: self._produce(out), self._delivery_failed, should_stop=lambda: self._pause, produced=True
+            self._produce_again, self._delivery_failed, should_stop=lambda: self._pause, produced=True
         )
         if attempts == 0:
-            return  # abandoned: quiesce forgets it, its inputs are read again
-        offsets, self.output.offsets = self.output.offsets, {}
-        self.store.write(out.writes, out.local, offsets)
-        self.core.written(out)
-        self._inflight = None
-        self.reader.commit(out.positions)
-        self._account(out, self._inflight_n, self._inflight_t0)
+            return False
+        now, clock = time.time(), time.perf_counter()
+        for a in self._unsettled:
+            a.delivered_at, a.seconds = now, clock - a.t0
+            self._account(a)
+        self._unsettled = []
+        ck = self._inflight
+        if ck is not None:
+            offsets, self.output.offsets = self.output.offsets, {}
+            self.store.write(_lists(ck.writes), _lists(ck.local), offsets)
+            self.scanner.unwritten[:] = [d for d in self.scanner.unwritten if d is not ck.local]
+            self._inflight = None
+            self.core.written_records(ck.records)
+            self.reader.commit(ck.positions)
+        return True
+
+    async def _flush(self) -> None:
+        """Make everything computed durable: what is in flight, then the current checkpoint."""
+        if await self._settle() and self._acc.batches:
+            self._checkpoint()
+            await self._settle()
 
     def _delivery_failed(self, e: DeliveryError, retry_in: float) -> None:
         metrics.DELIVERY_FAILURES.inc()
         log.error("a batch's records could not be written (%s): inputs held, retrying in %.1fs", e, retry_in)
 
-    def _account(self, out: BatchOutput, n: int, t0: float) -> None:
-        now = time.time()
+    def _account(self, a: Applied) -> None:
+        """A batch's metrics, once everything it produced is delivered (what this process applied:
+        inputs read again after a checkpoint was given up count again)."""
+        out, n, now = a.out, a.n, a.delivered_at
         base = self.topics.base
         for topic, k in out.consumed.items():
             metrics.EVENTS.labels(base(topic)).inc(k)
@@ -431,11 +536,7 @@ class Pipeline(Service):
             metrics.TIMERS_FIRED.inc(len(lateness))
         if out.timers_cancelled:
             metrics.TIMERS_CANCELLED.inc(out.timers_cancelled)
-        for p in set(out.timers_set) | set(out.timers_cleared):
-            self.scanner.applied(p, out.timers_set.get(p, 0), out.timers_cleared.get(p, 0))
-        for p, due in out.earliest_timer.items():
-            self.scanner.rewind(p, due)
         metrics.HELD_INPUTS.set(self.aligner.held)
         if n:
             metrics.BATCH_SIZE.observe(n)
-        metrics.BATCH_SECONDS.observe(time.perf_counter() - t0)
+        metrics.BATCH_SECONDS.observe(a.seconds)

@@ -8,6 +8,11 @@ applies them as Tick inputs in its next batch: serialised with that user's other
 in one batch that also deletes the index entries. A tick with nothing due is a no-op, so a timer
 scanned again after a crash cannot send twice.
 
+The index in the store is as of the last checkpoint (agents.pipeline); the changes of the
+batches applied since (`unwritten`, one dict per checkpoint not yet written, oldest first) are
+merged into the scan, so a timer is found from the batch that set it on, and one cleared since is
+not fired.
+
 Bounded: at most `fire_limit` timers per partition per scan, so a backlog of overdue timers
 (after downtime) drains steadily, oldest first, without starving event processing. The cursor
 avoids re-reading deleted (fired) keys, which is what keeps seeks cheap after many timers fired.
@@ -16,7 +21,9 @@ avoids re-reading deleted (fired) keys, which is what keeps seeks cheap after ma
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+import heapq
+import math
+from collections.abc import Callable, Iterable, Iterator
 from typing import Protocol
 
 from nudgeflow.agents import metrics
@@ -32,6 +39,8 @@ class TimerScanner:
         self.index, self.grace_ms, self.fire_limit = index, grace_ms, fire_limit
         self.cursor: dict[int, bytes] = {}
         self.pending: dict[int, int] = {}
+        # per checkpoint not yet written, oldest first: partition -> index key -> b"1" (set) or None
+        self.unwritten: list[dict[int, dict[bytes, bytes | None]]] = []
 
     @property
     def partitions(self) -> list[int]:
@@ -71,7 +80,18 @@ class TimerScanner:
         out: list[tuple[int, int, str]] = []
         for p in self.partitions:
             limit_due = min(now_ms - self.grace_ms, gate(p) if gate else float("inf"))
-            for n, key in enumerate(self.index.keys_from(p, self.cursor[p], TIMER)):
+            if limit_due < 0:
+                continue  # nothing can be due yet (an input not read: the gate is -inf)
+            keys: Iterable[bytes] = self.index.keys_from(p, self.cursor[p], TIMER)
+            changed = self._changed(p)
+            if changed:
+                # the unwritten changes decide their keys; the ones set that may be due join the
+                # store's keys in order
+                start = self.cursor[p]
+                end = timer_key(math.floor(limit_due) + 1, "") if limit_due != float("inf") else b"\xff"
+                ahead = sorted([k for k, v in changed.items() if v is not None and start <= k < end])
+                keys = heapq.merge((k for k in keys if k not in changed), ahead)
+            for n, key in enumerate(keys):
                 due, user = parse_timer_key(key)
                 if n >= self.fire_limit or due > limit_due:
                     break
@@ -80,3 +100,13 @@ class TimerScanner:
         if out:
             metrics.TICKS_EMITTED.inc(len(out))
         return out
+
+    def _changed(self, p: int) -> dict[bytes, bytes | None] | None:
+        """Partition p's index changes not yet in the store, the newest per key."""
+        layers = [d for layer in self.unwritten if (d := layer.get(p))]
+        if len(layers) <= 1:
+            return layers[0] if layers else None
+        merged: dict[bytes, bytes | None] = {}
+        for d in layers:
+            merged.update(d)
+        return merged

@@ -73,6 +73,14 @@ class Settings(BaseSettings):
     )
     batch_max: int = Field(20_000, ge=1, description="input messages per processing batch, at most")
     batch_within_ms: int = Field(50, ge=1, description="how long an idle worker waits for input before it looks again")
+    checkpoint_ms: int = Field(
+        5000,
+        ge=0,
+        description="state is made durable (RocksDB, changelog, input positions) a checkpoint at a time: at most "
+        "this long after the checkpoint's first batch, or as soon as the input runs dry; a user active in several "
+        "batches of a checkpoint is written once. A crash reads this much input again (send requests of it are "
+        "produced again with the same idempotency keys)",
+    )
     cache_users: int = Field(
         100_000,
         ge=0,

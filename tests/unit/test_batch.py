@@ -182,6 +182,21 @@ def test_records_stay_cached_between_batches_within_the_bound() -> None:
     assert c.cache == {} and c.unwritten == {}
 
 
+def test_batches_folded_into_one_checkpoint_are_read_from_it_and_written_as_one() -> None:
+    c, store = core(), MemStore()
+    unit: dict[tuple[int, str], bytes] = {}
+    first = c.run([cart("u1", 0)], store)
+    c.fold(unit, first)
+    second = c.run([cart("u1", 1, T0 + M, "Cap"), cart("u2", 2)], store)  # u1 read from the unit
+    c.fold(unit, second)
+    assert c.pending == [unit] and first.serialized == {} == second.serialized
+    assert store.reads == 2  # u1 in the first batch, u2 in the second
+    u1 = orjson.loads(unit[(0, "u1")])
+    assert u1["state"]["entries"]["clevertap-cart-inaction"]["count"] == 2
+    c.written_records(unit)
+    assert c.unwritten == {} and set(c.cache) == {(0, "u1"), (0, "u2")}
+
+
 def test_an_exception_for_one_user_quarantines_that_user_only_and_release_applies_what_was_parked(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
