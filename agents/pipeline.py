@@ -73,8 +73,8 @@ class PipelineConfig:
 
 @dataclass
 class Applied:
-    """A batch applied and produced: its output (counted when its checkpoint is durable), the
-    input messages it read, when it started and when its records were delivered."""
+    """A batch applied and produced: its output (counted once delivered), the input messages it
+    read, when it started and when its records were delivered."""
 
     out: BatchOutput
     n: int
@@ -436,9 +436,14 @@ class Pipeline(Service):
             scanner.rewind(p, due)
 
     def _checkpoint(self) -> None:
-        """Close the current checkpoint: its input positions go last (a changelog cut short
-        restores records without the positions past them), then its changelog records go out."""
+        """Close the current checkpoint and produce its changelog records: the user records first,
+        then what describes them (the step counts, member-scan cursors), the input positions last,
+        as a batch wrote them: a changelog cut short by a crash restores records without the
+        counts, cursors and positions past them, never the other way round."""
         ck, self._acc = self._acc, self._new_checkpoint()
+        for changes in ck.writes.values():
+            after = [k for k in changes if not k.startswith(USER)]  # first written by an earlier batch
+            changes.update([(k, changes.pop(k)) for k in after])
         for (topic, p), pos in ck.positions.items():
             d = ck.writes.get(p)
             if d is None:
