@@ -106,6 +106,20 @@ class Checkpoint:
         self.positions.update(out.positions)
         out.writes, out.local = {}, {}
 
+    def close(self) -> None:
+        """Order the changelog records as a batch would: the user records first, then what
+        describes them (the step counts, member-scan cursors), the input positions last. A
+        changelog cut short by a crash then restores records without the counts, cursors and
+        positions past them, never the other way round."""
+        for changes in self.writes.values():
+            after = [k for k in changes if not k.startswith(USER)]  # maybe first written by an earlier batch
+            changes.update([(k, changes.pop(k)) for k in after])
+        for (topic, p), pos in self.positions.items():
+            d = self.writes.get(p)
+            if d is None:
+                d = self.writes[p] = {}
+            d[position_key(topic)] = b"%d" % pos
+
 
 def _lists(changes: dict[int, dict[bytes, bytes | None]]) -> dict[int, list[Write]]:
     return {p: list(d.items()) for p, d in changes.items()}
@@ -436,19 +450,9 @@ class Pipeline(Service):
             scanner.rewind(p, due)
 
     def _checkpoint(self) -> None:
-        """Close the current checkpoint and produce its changelog records: the user records first,
-        then what describes them (the step counts, member-scan cursors), the input positions last,
-        as a batch wrote them: a changelog cut short by a crash restores records without the
-        counts, cursors and positions past them, never the other way round."""
+        """Close the current checkpoint and produce its changelog records."""
         ck, self._acc = self._acc, self._new_checkpoint()
-        for changes in ck.writes.values():
-            after = [k for k in changes if not k.startswith(USER)]  # first written by an earlier batch
-            changes.update([(k, changes.pop(k)) for k in after])
-        for (topic, p), pos in ck.positions.items():
-            d = ck.writes.get(p)
-            if d is None:
-                d = ck.writes[p] = {}
-            d[position_key(topic)] = b"%d" % pos
+        ck.close()
         self._produce_checkpoint(ck)
         self._inflight = ck
 
