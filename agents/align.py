@@ -11,14 +11,22 @@ input topic of that partition can still deliver an earlier one, which is when th
   equal times, topics go in the order given), or
 - is *quiet*: read up to its end (partition EOF, and the latest fetch answer's high watermark
   says nothing more is there: librdkafka fetches ahead of what the loop has read) and nothing
-  new for `idle_ms`.
+  new for `idle_ms`, while its leader broker kept answering (`heard`): the silence of a frozen
+  or unreachable broker is no news, and when it answers again, producers are still sending
+  what they held meanwhile.
 
 The same knowledge gates timers: a timer of partition p may fire once every input topic of p is
-past its due time or quiet (`gate`). Catching up after downtime, a push therefore waits until the
-purchase made meanwhile is read; live, inputs are quiet or at the present and timers follow the
-wall clock; with event times far behind the wall clock (a replay, the benchmark's synthetic
-input), timers follow the input's event time exactly. README "How it stays correct" states the
-rule. Both are exact when each input partition is in event-time order.
+past its due time or quiet (`gate`), a quiet topic only as far as the time its leader broker
+last answered a fetch (`heard`): the answer that said "nothing more" holds what reached the
+broker before it, nothing after. A frozen or unreachable broker's silence therefore holds
+timers back instead of letting them run ahead of inputs its producers could not send.
+Catching up after downtime, a push therefore waits until the purchase made meanwhile is read;
+live, inputs are quiet or at the present and timers follow the wall clock (as of the brokers'
+last answers: a fetch waits up to 500 ms for news, statistics come every 250 ms); with event
+times far behind the wall clock (a replay, the benchmark's synthetic input), timers follow the
+input's event time exactly. README "How it stays correct" states the rule. Both are exact when
+each input partition is in event-time order. Feedback (not event time) passes straight through
+and does not move a user's journey time (engine.core.apply).
 
 Memory stays bounded without giving up the order: once a partition holds more than `max_held`
 inputs, the topics it holds inputs of are paused (`to_pause`; the reader stops fetching them),
@@ -56,6 +64,7 @@ class Aligner:
         max_held: int = 20_000,
         clock: Callable[[], float] = time.monotonic,
         high_watermark: Callable[[str, int], int | None] = lambda topic, p: None,
+        heard: Callable[[str, int], tuple[float, float] | None] = lambda topic, p: (NEVER, float("inf")),
     ) -> None:
         self.event_topics = tuple(event_topics)  # in this order for equal event times
         self._event_topic_set = frozenset(self.event_topics)
@@ -64,6 +73,10 @@ class Aligner:
         # the end of a topic-partition per the latest fetch answer (librdkafka fetches ahead of
         # what was handed over, so this knows of new input before the loop reads it)
         self.high_watermark = high_watermark
+        # (answering without a gap since, last answer), epoch ms, of the topic-partition's leader;
+        # None: not answering, or not known yet
+        self.heard = heard
+        self.idle_ms = idle_ms
         self.bufs: dict[int, dict[str, deque[Item]]] = {}
         self.progress: dict[tuple[str, int], Progress] = {}
         self.held = 0
@@ -149,8 +162,10 @@ class Aligner:
             return float("inf")
         if pr.at_end and now - pr.last_read >= self.idle_s:
             hw = self.high_watermark(topic, p)
-            if hw is None or hw <= pr.read_upto:  # quiet: nothing fetched beyond what was read
-                return float("inf")
+            if hw is None or hw <= pr.read_upto:  # nothing fetched beyond what was read
+                heard = self.heard(topic, p)
+                if heard is not None and heard[1] - heard[0] >= self.idle_ms:  # from an answering broker
+                    return float("inf")
         return pr.newest
 
     def release(self) -> list[Item]:
@@ -226,7 +241,14 @@ class Aligner:
         now = self.clock()
         gate = float("inf")
         for t, q in bufs.items():
-            bound = q[0].at if q else self._open_bound(t, p, now)
+            if q:
+                bound: float = q[0].at
+            else:
+                bound = self._open_bound(t, p, now)
+                pr = self.progress.get((t, p))
+                if bound == float("inf") and pr is not None:  # quiet: as of the broker's last answer
+                    heard = self.heard(t, p)
+                    bound = max(heard[1], pr.newest) if heard is not None else pr.newest
             if bound < gate:
                 gate = bound
         return gate

@@ -9,7 +9,11 @@ input resumes is part of the state (written in the same batch as the records it 
 offset commit is needed to resume correctly; the pipeline also commits positions to the consumer
 group `<app_id>-inputs` for lag tooling (kafka-consumer-groups, Burrow).
 
-Partition-EOF events tell the aligner when a topic-partition has been read to its end.
+Partition-EOF events tell the aligner when a topic-partition has been read to its end, and
+librdkafka's statistics (every `STATS_MS`) when each partition's leader last answered a fetch:
+a quiet topic holds timers back to that time (agents.align), so a broker that stops answering
+(frozen, partitioned away) stops the timers of its partitions instead of leaving them to the
+wall clock.
 """
 
 from __future__ import annotations
@@ -20,11 +24,17 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import orjson
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
 from nudgeflow.agents.align import Aligner
 
 log = logging.getLogger("nudgeflow.worker")
+
+STATS_MS = 250  # librdkafka statistics interval: how often the leaders' last answers are learnt
+# a leader is answering while its last response is younger than this (an idle fetch is answered
+# every fetch.wait.max.ms, 500 ms by default; room for a loaded machine)
+ANSWERING_MS = 1500
 
 
 class InputReader:
@@ -44,12 +54,18 @@ class InputReader:
                 "fetch.max.bytes": max_fetch_bytes,
                 "queued.max.messages.kbytes": 65536,
                 "log_level": 3,
+                "statistics.interval.ms": STATS_MS,
+                "stats_cb": self._on_stats,
             }
         )
         self.assigned: list[TopicPartition] = []
+        # topic-partition -> (its leader answering since, its last answer), epoch ms
+        self._heard: dict[tuple[str, int], tuple[float, float]] = {}
+        self._since: dict[str, float] = {}  # broker -> answering without a gap since (epoch ms)
         self.errors = 0
         self._ends: list[tuple[str, int, int]] = []
         aligner.high_watermark = self.high_watermark
+        aligner.heard = self.heard
         self._last_error_log = 0.0
 
     def assign(self, positions: Mapping[tuple[str, int], int | None]) -> None:
@@ -128,6 +144,36 @@ class InputReader:
                 )
             except Exception as e:  # informational only: where to resume is in the state store
                 log.debug("position commit failed: %s", e)
+
+    def _on_stats(self, raw: str) -> None:
+        """librdkafka's statistics (served by consume): when each assigned partition's leader last
+        answered (`rxidle`: microseconds since the broker's last response, as of `ts`)."""
+        now_wall, now_mono = time.time() * 1000, time.monotonic()
+        try:
+            doc = orjson.loads(raw)
+            brokers, ts = doc["brokers"], doc["ts"]
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            return
+        # when the statistics were taken: librdkafka's clock is CLOCK_MONOTONIC (µs) on Linux, as
+        # Python's monotonic; statistics queued while the loop did not poll are older than now
+        age_ms = (now_mono - ts / 1e6) * 1000
+        taken = now_wall - age_ms if 0 <= age_ms < 60_000 else now_wall
+        heard: dict[tuple[str, int], tuple[float, float]] = {}
+        for name, b in brokers.items():
+            toppars, idle = b.get("toppars") or {}, b.get("rxidle", -1)
+            if b.get("nodeid", -1) < 0 or idle < 0 or idle > ANSWERING_MS * 1000:
+                self._since.pop(name, None)  # not answering (or a bootstrap or logical handle)
+                continue
+            last = taken - idle / 1000
+            since = self._since.setdefault(name, last)
+            for tp in toppars.values():
+                heard[(tp["topic"], tp["partition"])] = (since, last)
+        self._heard = heard
+
+    def heard(self, topic: str, partition: int) -> tuple[float, float] | None:
+        """(answering without a gap since, last answer), epoch ms, of the partition's leader per the
+        latest statistics; None when it is not answering or that is not known yet."""
+        return self._heard.get((topic, partition))
 
     def high_watermark(self, topic: str, partition: int) -> int | None:
         """The end of a topic-partition per the latest fetch answer (None: not known yet)."""

@@ -12,7 +12,8 @@ right after a worker restarted (mid-rebalance); once the broker is frozen (SIGST
 
 - the push topic with `nudgeflow simulate` on the same events: every expected send key there
   (0 lost), no other (0 extra); records written twice for one key are counted (a worker killed
-  between producing a batch and recording it produces it again: the sender deduplicates);
+  between producing a batch and recording it produces it again: the sender deduplicates); the
+  lost ones go to lost.jsonl (as simulate made them), the extra ones to extra.jsonl (as produced);
 - what the endpoint received with the same expected keys: 0 lost, 0 extra, and how many
   deliveries it saw twice for one key (a sender killed between delivering and recording).
 
@@ -246,7 +247,10 @@ def main() -> None:
             time.sleep(gap * rng.uniform(0.6, 1.2))
             if k == freeze_at and a.freeze > 0:
                 assert broker.proc is not None
-                print(f"{time.monotonic() - t0:6.1f}s freeze the broker for {a.freeze:.0f} s", flush=True)
+                print(
+                    f"{time.monotonic() - t0:6.1f}s freeze the broker for {a.freeze:.0f} s (epoch {time.time():.3f})",
+                    flush=True,
+                )
                 broker.proc.send_signal(signal.SIGSTOP)
                 time.sleep(a.freeze)
                 broker.proc.send_signal(signal.SIGCONT)
@@ -275,8 +279,15 @@ def main() -> None:
         expected_docs = {(d := orjson.loads(x))["key"]: d for x in expected_out.splitlines() if b'"type":"send"' in x}
         expected = set(expected_docs)
 
+        sent_docs: dict[str, tuple[int, bytes]] = {}  # key -> (Kafka timestamp, document) of the last read
+
         def sent_keys() -> Counter[str]:
-            return Counter(orjson.loads(m.value())["key"] for m in read_topic(broker.bootstrap, topics.channel("push")))
+            keys: Counter[str] = Counter()
+            for m in read_topic(broker.bootstrap, topics.channel("push")):
+                key = orjson.loads(m.value())["key"]
+                keys[key] += 1
+                sent_docs[key] = (m.timestamp()[1], m.value())
+            return keys
 
         deadline, stable, last = time.monotonic() + 600, 0, (-1, -1)
         while time.monotonic() < deadline and stable < 4:  # every timer fired and every send delivered
@@ -310,6 +321,13 @@ def main() -> None:
             f.write(orjson.dumps(expected_docs[k]) + b"\n")
     if expected - got:
         print(f"lost send requests (as simulate made them): {lost_file}")
+    extra_file = work / "extra.jsonl"
+    with extra_file.open("wb") as f:
+        for k in sorted(got - expected):
+            at, doc = sent_docs[k]
+            f.write(orjson.dumps({"produced_ms": at, "request": orjson.loads(doc)}) + b"\n")
+    if got - expected:
+        print(f"extra send requests (with the Kafka timestamp they were produced at): {extra_file}")
     ok = not (result["topic_lost"] or result["topic_extra"] or result["delivered_lost"] or result["delivered_extra"])
     print(
         f"\n{traffic.produced} events in {a.seconds:.0f} s; kills {result['kills']}; broker frozen {froze:.0f} s\n"

@@ -97,7 +97,14 @@ def apply(
     its states for the length of a batch, so it saves the copy). `wall`: the processing time, when
     it runs ahead of the journey time (a worker catching up): a call's answer comes in processing
     time, so the call's timeout counts from there. `wake`: `next_wake(st)`, when the caller knows
-    it (what the previous `apply` to this state returned). Returns the state's next wake-up."""
+    it (what the previous `apply` to this state returned). Returns the state's next wake-up.
+
+    Feedback (what became of a message) comes in processing time, not journey time: it applies at
+    the state's own clock and never moves it. A worker catching up reads a sender's feedback from
+    minutes later beside events from before a wait ended; at its own time it would run that wait
+    ahead of the events that end it (a push to someone who bought meanwhile)."""
+    if inp.__class__ is Feedback:
+        now = st["clock"]
     run = _Run(st, inp.user_id, js, sink, wake)
     run.wall = wall
     run.apply(inp, now)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import orjson
 import pytest
 
 from nudgeflow.agents.align import Aligner
@@ -205,3 +206,82 @@ def test_random_interleavings_release_one_merge_in_time_then_topic_order(topics:
         assert a.held == 0
         got = [(i.at, topics.index(i.topic), i.offset) for i in released]
         assert got == sorted((at, topics.index(t), off) for t, off, at in pending)
+
+
+def test_a_quiet_topic_lets_timers_fire_only_up_to_its_brokers_last_answer() -> None:
+    """A frozen or unreachable broker sends no EOF and no new watermark: what the loop last heard
+    says "nothing more", but producers are holding what they could not send. A quiet topic holds
+    timers back to when its broker last answered (chaos check: a frozen broker)."""
+    clock, heard = Clock(), {"add_to_cart": (0.0, 5_000.0), "charged": (0.0, 7_000.0)}
+    a = Aligner(TOPICS, idle_ms=500, clock=clock, heard=lambda t, p: heard.get(t))
+    a.track([0], TOPICS)
+    add(a, "charged", 0, 6_000)
+    assert names(a.release()) == []  # add_to_cart not read yet
+    a.note_end("add_to_cart", 0, 0)
+    a.note_end("charged", 0, 1)
+    clock.now += 1
+    assert names(a.release()) == ["c6000"]  # inputs are not held back by the broker's last answer
+    assert a.gate(0) == 5_000  # add_to_cart's broker answered last at 5,000
+    heard["add_to_cart"] = (0.0, 9_000.0)
+    assert a.gate(0) == 7_000
+    heard["charged"] = (0.0, 3_000.0)  # older than the input it delivered: that input bounds it
+    assert a.gate(0) == 6_000
+    del heard["add_to_cart"]  # not answering (or not known yet): not quiet
+    assert a.gate(0) == float("-inf")
+
+
+def test_a_broker_that_answers_again_must_answer_for_idle_ms_before_its_silence_means_quiet() -> None:
+    """After a freeze the consumer's first answer may come before the producers' held batches
+    land: a topic is quiet only once its broker has answered, with nothing new, for `idle_ms`."""
+    clock, heard = Clock(), {"add_to_cart": (0.0, 10_000.0), "charged": (9_800.0, 10_000.0)}
+    a = Aligner(TOPICS, idle_ms=500, clock=clock, heard=lambda t, p: heard.get(t))
+    a.track([0], TOPICS)
+    a.note_end("charged", 0, 0)
+    add(a, "add_to_cart", 0, 9_000)
+    a.note_end("add_to_cart", 0, 1)
+    clock.now += 30  # long silence: the broker was frozen and has answered for 200 ms now
+    assert names(a.release()) == [] and a.gate(0) == float("-inf")
+    heard["charged"] = (9_800.0, 10_300.0)  # half a second of answers with nothing new: quiet
+    assert names(a.release()) == ["a9000"] and a.gate(0) == 10_000
+
+
+def test_the_input_reader_learns_from_librdkafkas_statistics_when_each_leader_last_answered() -> None:
+    import time
+
+    from nudgeflow.agents.inputs import InputReader
+
+    reader = InputReader({"bootstrap.servers": "127.0.0.1:9"}, "g", 2**20, Aligner(TOPICS))
+    try:
+
+        def stats(rxidle_us: int, age_s: float = 0.0) -> str:
+            tp = {"topic": "charged", "partition": 0}
+            ts = int((time.monotonic() - age_s) * 1e6)
+            return orjson.dumps(
+                {
+                    "ts": ts,
+                    "brokers": {
+                        "b:9/1": {"nodeid": 1, "state": "UP", "rxidle": rxidle_us, "toppars": {"charged-0": tp}},
+                        "GroupCoordinator": {"nodeid": -1, "state": "UP", "rxidle": 10, "toppars": {}},
+                    },
+                }
+            ).decode()
+
+        def near(x: float, y: float) -> bool:
+            return abs(x - y) < 100
+
+        assert reader.heard("charged", 0) is None  # no statistics yet
+        reader._on_stats(stats(300_000))
+        first = reader.heard("charged", 0)
+        assert first is not None and first[0] == first[1] and near(first[1], time.time() * 1000 - 300)
+        assert reader.aligner.heard("charged", 0) == first
+        assert reader.heard("add_to_cart", 0) is None  # a partition it does not lead
+        reader._on_stats(stats(100_000))
+        again = reader.heard("charged", 0)
+        assert again is not None and again[0] == first[0] and near(again[1], time.time() * 1000 - 100)
+        reader._on_stats(stats(2_000_000, age_s=20))  # taken 20 s ago (queued while the loop was busy)
+        assert reader.heard("charged", 0) is None  # nothing heard for 2 s then: not answering
+        reader._on_stats(stats(200_000))
+        back = reader.heard("charged", 0)
+        assert back is not None and back[0] == back[1] and back[0] > first[1]  # answering afresh
+    finally:
+        reader.close()
