@@ -62,6 +62,8 @@ class InputReader:
         # topic-partition -> (its leader answering since, its last answer), epoch ms
         self._heard: dict[tuple[str, int], tuple[float, float]] = {}
         self._since: dict[str, float] = {}  # broker -> answering without a gap since (epoch ms)
+        self._gaps: set[str] = set()  # brokers seen silent with a request waiting, at least once
+        self._created = time.time() * 1000
         self.errors = 0
         self._ends: list[tuple[str, int, int]] = []
         aligner.high_watermark = self.high_watermark
@@ -161,11 +163,22 @@ class InputReader:
         heard: dict[tuple[str, int], tuple[float, float]] = {}
         for name, b in brokers.items():
             toppars, idle = b.get("toppars") or {}, b.get("rxidle", -1)
-            if b.get("nodeid", -1) < 0 or idle < 0 or idle > ANSWERING_MS * 1000:
-                self._since.pop(name, None)  # not answering (or a bootstrap or logical handle)
+            # silent: a request has waited too long for its answer (with none waiting, nothing was
+            # asked, e.g. the fetch queue is full while the loop is busy: that silence means nothing)
+            waiting = b.get("waitresp_cnt", 0) > 0 or b.get("outbuf_cnt", 0) > 0
+            if (
+                b.get("nodeid", -1) < 0
+                or b.get("state") != "UP"
+                or idle < 0
+                or (idle > ANSWERING_MS * 1000 and waiting)
+            ):
+                if self._since.pop(name, None) is not None:
+                    self._gaps.add(name)
                 continue
             last = taken - idle / 1000
-            since = self._since.setdefault(name, last)
+            since = self._since.get(name)
+            if since is None:  # answering since it was first asked, unless it has been silent since
+                since = self._since[name] = last if name in self._gaps else self._created
             for tp in toppars.values():
                 heard[(tp["topic"], tp["partition"])] = (since, last)
         self._heard = heard
