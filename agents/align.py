@@ -76,7 +76,6 @@ class Aligner:
         # (answering without a gap since, last answer), epoch ms, of the topic-partition's leader;
         # None: not answering, or not known yet
         self.heard = heard
-        self.idle_ms = idle_ms
         self.bufs: dict[int, dict[str, deque[Item]]] = {}
         self.progress: dict[tuple[str, int], Progress] = {}
         self.held = 0
@@ -154,9 +153,10 @@ class Aligner:
         self.held += held
         return rest
 
-    def _open_bound(self, topic: str, p: int, now: float) -> float:
+    def _open_bound(self, topic: str, p: int, now: float, timers: bool = False) -> float:
         """For a topic of partition p with nothing buffered: no input earlier than this can still
-        arrive from it (+inf when it is quiet)."""
+        arrive from it. When it is quiet: +inf for inputs; for timers, the time its broker last
+        answered (or the latest input it delivered, if later)."""
         pr = self.progress.get((topic, p))
         if pr is None:
             return float("inf")
@@ -164,8 +164,8 @@ class Aligner:
             hw = self.high_watermark(topic, p)
             if hw is None or hw <= pr.read_upto:  # nothing fetched beyond what was read
                 heard = self.heard(topic, p)
-                if heard is not None and heard[1] - heard[0] >= self.idle_ms:  # from an answering broker
-                    return float("inf")
+                if heard is not None and heard[1] - heard[0] >= self.idle_s * 1000:  # from an answering broker
+                    return max(heard[1], pr.newest) if timers else float("inf")
         return pr.newest
 
     def release(self) -> list[Item]:
@@ -241,14 +241,7 @@ class Aligner:
         now = self.clock()
         gate = float("inf")
         for t, q in bufs.items():
-            if q:
-                bound: float = q[0].at
-            else:
-                bound = self._open_bound(t, p, now)
-                pr = self.progress.get((t, p))
-                if bound == float("inf") and pr is not None:  # quiet: as of the broker's last answer
-                    heard = self.heard(t, p)
-                    bound = max(heard[1], pr.newest) if heard is not None else pr.newest
+            bound = q[0].at if q else self._open_bound(t, p, now, timers=True)
             if bound < gate:
                 gate = bound
         return gate
