@@ -36,7 +36,7 @@ from typing import Any, NotRequired, Protocol, TypedDict, assert_never, cast
 
 import orjson
 
-from nudgeflow.agents.keys import timer_key, user_key
+from nudgeflow.agents.keys import TIMER, USER, user_key
 from nudgeflow.agents.occupancy import OCCUPANCY, Occupancy, Steps, steps_of
 from nudgeflow.engine import core
 from nudgeflow.engine.graph import JourneySet
@@ -324,11 +324,12 @@ class BatchSink:
         ops = out.local.get(p)
         if ops is None:
             ops = out.local[p] = []
+        u = user.encode()  # keys.timer_key, inline: the user encoded once for both keys
         if was is not None:
-            ops.append((timer_key(was, user), None))
+            ops.append((TIMER + (was if was > 0 else 0).to_bytes(8, "big") + u, None))
             out.timers_cleared[p] = out.timers_cleared.get(p, 0) + 1
         if wake is not None:
-            ops.append((timer_key(wake, user), b"1"))
+            ops.append((TIMER + (wake if wake > 0 else 0).to_bytes(8, "big") + u, b"1"))
             out.timers_set[p] = out.timers_set.get(p, 0) + 1
             if wake < out.earliest_timer.get(p, wake + 1):
                 out.earliest_timer[p] = wake
@@ -388,7 +389,8 @@ class BatchCore:
         watched = self.journeys.watched
         consumed, read = out.consumed, out.read
         decode, ticks, feedback = self.decoder.decode, self.ticks_topic, self.feedback_topic
-        key_policy, dropped = self._key_policy, out.dropped_upto
+        dropped = out.dropped_upto
+        keyless_ok = self.keyless == "accept"
         for m in msgs:
             topic, p, offset = m.topic(), m.partition(), m.offset()
             consumed[topic] = consumed.get(topic, 0) + 1
@@ -397,7 +399,9 @@ class BatchCore:
                 # the Kafka timestamp matters only to a message without a valid `ts` of its own,
                 # which decodes as Invalid without it: only then is it decoded again with it
                 inp = decode(topic, m.value(), None, now_ms)
-                if isinstance(inp, Event) and key_policy(m, inp) is inp:
+                key = m.key()
+                # _key_policy's accepting cases, inline: the message key is the user id (or absent, when allowed)
+                if inp.__class__ is Event and (key == inp.user_id.encode() if key is not None else keyless_ok):
                     got: Input | Release | None = inp
                     at = inp.ts
                 else:
@@ -408,7 +412,7 @@ class BatchCore:
                 got, at = self._decode(m, topic, now_ms, out)
             if got is None:
                 continue
-            if isinstance(got, Event) and got.name not in watched:
+            if got.__class__ is Event and got.name not in watched:
                 # not applied, but how far the topic has got in event time still counts: the
                 # aligner must not wait for a busy topic whose events no journey uses
                 if at > dropped.get((topic, p), -1):
@@ -535,9 +539,9 @@ class BatchCore:
         for key, group in by_user.items():
             p = key[0]
             raw = stored[key]
-            rec: UserRecord = (
-                upgrade_record(loads(raw)) if raw is not None else {"state": core.new_state(), "offsets": {}}
-            )
+            rec: UserRecord = loads(raw) if raw is not None else {"state": core.new_state(), "offsets": {}}
+            if "s" in rec:  # stored by nudgeflow 0.1
+                rec = upgrade_record(rec)
             old = steps_of(rec["state"])
             offsets = rec["offsets"]
             changed = False
@@ -547,13 +551,25 @@ class BatchCore:
                 if offset >= 0 and offsets.get(topic, -1) >= offset:
                     out.duplicates += 1  # already applied before a crash or rebalance
                     continue
-                if item.input.__class__ is Event and not safe and "quarantine" not in rec:  # the hot path
+                inp = item.input
+                if inp.__class__ is Event and not safe and "quarantine" not in rec:  # the hot path
                     sink.cancels = True
                     try:
-                        wake = apply_engine(rec["state"], item.input, item.at, journeys, sink, now_ms, wake)
+                        wake = apply_engine(rec["state"], inp, item.at, journeys, sink, now_ms, wake)
                     except Exception as e:
                         raise _Redo from e
                     offsets[topic] = offset
+                elif inp.__class__ is Tick and not safe and "quarantine" not in rec:  # _apply_item's tick, inline
+                    if wake == core.UNKNOWN_WAKE:
+                        wake = next_wake(rec["state"])
+                    out.ticks.append((p, item.at, wake != item.at))  # stale: the wake-up moved or already ran
+                    sink.cancels = False
+                    try:
+                        wake = apply_engine(rec["state"], inp, item.at, journeys, sink, now_ms, wake)
+                    except Exception as e:
+                        raise _Redo from e
+                    if offset >= 0:
+                        offsets[topic] = offset
                 else:
                     wake = core.UNKNOWN_WAKE
                     if not self._apply_item(rec, item, sink, now_ms, out, safe):
@@ -569,7 +585,7 @@ class BatchCore:
             w = writes.get(p)
             if w is None:
                 w = writes[p] = []
-            w.append((user_key(key[1]), value))
+            w.append((USER + key[1].encode(), value))  # keys.user_key, inline
             new = steps_of(rec["state"])
             if old != new:
                 moves.append((p, old, new))
