@@ -1,0 +1,110 @@
+"""The worker's batch core over a corpus, digested: the equivalence check for hot-path changes.
+
+    .venv/bin/python bench/corpus.py --out /tmp/corpus --users 600 --events 12000
+    .venv/bin/python bench/batch_digest.py --corpus /tmp/corpus
+
+`nudgeflow simulate` over the corpus checks the engine alone; this checks what the worker does
+around it: decoding, the per-user fast path (in place, with the known wake-up), due timers fired
+as ticks, the timer index, occupancy, the send requests' bytes and headers, every count. Events
+and profile updates go through `BatchCore` and a real RocksDB (`StateStore`) in batches, in event
+time order; each batch's timers fire in the next one, as the worker's scanner fires them. Prints
+one md5 over every record produced, every write (store and changelog), every timer-index
+operation and every batch's counts. Run it before and after a change (the code before from a
+`git archive` with `PYTHONPATH`): the digests must be equal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import sys
+import tempfile
+from pathlib import Path
+
+import orjson
+from rocksdict import Options, Rdict
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from nudgeflow.agents.batch import BatchCore, BatchOutput, Item, Raw  # noqa: E402
+from nudgeflow.agents.store import StateStore  # noqa: E402
+from nudgeflow.agents.timers import TimerScanner  # noqa: E402
+from nudgeflow.engine.io import Tick  # noqa: E402
+from nudgeflow.engine.loader import load_journeys  # noqa: E402
+from nudgeflow.streams.events import Decoder  # noqa: E402
+from nudgeflow.streams.topics import CUSTOM_TOPIC, EVENT_TOPICS, PROFILE_TOPIC, Topics  # noqa: E402
+
+T0_S = 1_767_225_600.0  # the corpus starts 2026-01-01; "now" for validation
+
+
+class Table:
+    """What StateStore needs of Faust's table: one Rdict per partition (here one)."""
+
+    def __init__(self, path: str) -> None:
+        self.db = Rdict(path, Options(raw_mode=True))
+        self.data = self
+
+    def _db_for_partition(self, partition: int) -> Rdict:
+        return self.db
+
+
+def messages(corpus: Path, topics: Topics) -> list[Raw]:
+    """The corpus as input messages keyed by user, on the topic each would come on, by event time."""
+    by_name = {name: topics.name(base) for base, name in EVENT_TOPICS.items()}
+    msgs: list[tuple[int, Raw]] = []
+    for i, line in enumerate((corpus / "events.jsonl").read_bytes().splitlines()):
+        ev = orjson.loads(line)
+        topic = by_name.get(ev["event"], topics.name(CUSTOM_TOPIC))
+        msgs.append((ev.get("ts", 0), Raw(topic, 0, i, str(ev["user_id"]).encode(), line)))
+    for i, line in enumerate((corpus / "profiles.jsonl").read_bytes().splitlines()):
+        doc = orjson.loads(line)
+        msgs.append((doc.get("ts", 0), Raw(topics.name(PROFILE_TOPIC), 0, i, str(doc["user_id"]).encode(), line)))
+    msgs.sort(key=lambda m: m[0])  # stable: equal times keep the file order
+    return [m for _, m in msgs]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--corpus", type=Path, required=True, help="a directory written by bench/corpus.py")
+    ap.add_argument("--journeys", type=Path, default=ROOT / "journeys" / "seeds")
+    ap.add_argument("--batch", type=int, default=500)
+    a = ap.parse_args()
+    topics = Topics()
+    msgs = messages(a.corpus, topics)
+    core = BatchCore(load_journeys([a.journeys]), topics, Decoder(max_future_ms=10**13), clock=lambda: T0_S)
+    h = hashlib.md5(usedforsecurity=False)
+    with tempfile.TemporaryDirectory() as d:
+        table = Table(d)
+        store = StateStore(table)
+        scanner = TimerScanner(store, grace_ms=0, fire_limit=10**9)
+        scanner.assign({0})
+        gate = float("-inf")
+        for i in range(0, len(msgs), a.batch):
+            out = BatchOutput()
+            items = core.decode(msgs[i : i + a.batch], out)
+
+            def gate_of(p: int, upto: float = gate) -> float:  # the batch before's newest input time
+                return upto
+
+            due = scanner.collect_due(2**62, gate_of)
+            items += [Item(topics.ticks, p, -1, Tick(user), at) for p, at, user in due]
+            gate = max((it.at for it in items), default=gate)
+            core.apply(items, store, out)
+            store.write(out.writes, out.local, {})
+            core.written(out)
+            for p, due_at in out.earliest_timer.items():
+                scanner.rewind(p, due_at)
+            for r in out.records:
+                h.update(b"%s\0%s\0%s\0%s" % (r.topic.encode(), r.key or b"", r.value, repr(r.headers).encode()))
+            h.update(repr(sorted(out.counts.items())).encode())
+            for changes in (out.writes, out.local):
+                for _, ops in sorted(changes.items()):
+                    for k, v in ops:
+                        h.update(k + b"\0" + (v if v is not None else b"-"))
+        keys = sum(1 for _ in table.db.items())
+        table.db.close()
+    print(f"digest {h.hexdigest()}  ({len(msgs):,} inputs, {keys:,} keys in the store)")
+
+
+if __name__ == "__main__":
+    main()
