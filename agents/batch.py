@@ -36,7 +36,7 @@ from typing import Any, NotRequired, Protocol, TypedDict, assert_never, cast
 
 import orjson
 
-from nudgeflow.agents.keys import TIMER, USER, user_key
+from nudgeflow.agents.keys import timer_key, user_key
 from nudgeflow.agents.occupancy import OCCUPANCY, Occupancy, Steps, steps_of
 from nudgeflow.engine import core
 from nudgeflow.engine.graph import JourneySet
@@ -324,12 +324,11 @@ class BatchSink:
         ops = out.local.get(p)
         if ops is None:
             ops = out.local[p] = []
-        u = user.encode()  # keys.timer_key, inline: the user encoded once for both keys
         if was is not None:
-            ops.append((TIMER + (was if was > 0 else 0).to_bytes(8, "big") + u, None))
+            ops.append((timer_key(was, user), None))
             out.timers_cleared[p] = out.timers_cleared.get(p, 0) + 1
         if wake is not None:
-            ops.append((TIMER + (wake if wake > 0 else 0).to_bytes(8, "big") + u, b"1"))
+            ops.append((timer_key(wake, user), b"1"))
             out.timers_set[p] = out.timers_set.get(p, 0) + 1
             if wake < out.earliest_timer.get(p, wake + 1):
                 out.earliest_timer[p] = wake
@@ -389,8 +388,7 @@ class BatchCore:
         watched = self.journeys.watched
         consumed, read = out.consumed, out.read
         decode, ticks, feedback = self.decoder.decode, self.ticks_topic, self.feedback_topic
-        dropped = out.dropped_upto
-        keyless_ok = self.keyless == "accept"
+        key_policy, dropped = self._key_policy, out.dropped_upto
         for m in msgs:
             topic, p, offset = m.topic(), m.partition(), m.offset()
             consumed[topic] = consumed.get(topic, 0) + 1
@@ -399,9 +397,7 @@ class BatchCore:
                 # the Kafka timestamp matters only to a message without a valid `ts` of its own,
                 # which decodes as Invalid without it: only then is it decoded again with it
                 inp = decode(topic, m.value(), None, now_ms)
-                key = m.key()
-                # _key_policy's accepting cases, inline: the message key is the user id (or absent, when allowed)
-                if inp.__class__ is Event and (key == inp.user_id.encode() if key is not None else keyless_ok):
+                if isinstance(inp, Event) and key_policy(m, inp) is inp:
                     got: Input | Release | None = inp
                     at = inp.ts
                 else:
@@ -412,7 +408,7 @@ class BatchCore:
                 got, at = self._decode(m, topic, now_ms, out)
             if got is None:
                 continue
-            if got.__class__ is Event and got.name not in watched:
+            if isinstance(got, Event) and got.name not in watched:
                 # not applied, but how far the topic has got in event time still counts: the
                 # aligner must not wait for a busy topic whose events no journey uses
                 if at > dropped.get((topic, p), -1):
@@ -539,9 +535,9 @@ class BatchCore:
         for key, group in by_user.items():
             p = key[0]
             raw = stored[key]
-            rec: UserRecord = loads(raw) if raw is not None else {"state": core.new_state(), "offsets": {}}
-            if "s" in rec:  # stored by nudgeflow 0.1
-                rec = upgrade_record(rec)
+            rec: UserRecord = (
+                upgrade_record(loads(raw)) if raw is not None else {"state": core.new_state(), "offsets": {}}
+            )
             old = steps_of(rec["state"])
             offsets = rec["offsets"]
             changed = False
@@ -552,23 +548,18 @@ class BatchCore:
                     out.duplicates += 1  # already applied before a crash or rebalance
                     continue
                 inp = item.input
-                if inp.__class__ is Event and not safe and "quarantine" not in rec:  # the hot path
-                    sink.cancels = True
+                # the hot path: events and timer ticks of a user in good standing, in place
+                if (inp.__class__ is Event or inp.__class__ is Tick) and not safe and "quarantine" not in rec:
+                    if inp.__class__ is Tick:  # stale: the user's wake-up moved or already ran (a duplicate tick)
+                        if wake == core.UNKNOWN_WAKE:
+                            wake = next_wake(rec["state"])
+                        out.ticks.append((p, item.at, wake != item.at))
+                    sink.cancels = inp.__class__ is Event  # a cleared timer counts as cancelled by an event, not a tick
                     try:
                         wake = apply_engine(rec["state"], inp, item.at, journeys, sink, now_ms, wake)
                     except Exception as e:
                         raise _Redo from e
-                    offsets[topic] = offset
-                elif inp.__class__ is Tick and not safe and "quarantine" not in rec:  # _apply_item's tick, inline
-                    if wake == core.UNKNOWN_WAKE:
-                        wake = next_wake(rec["state"])
-                    out.ticks.append((p, item.at, wake != item.at))  # stale: the wake-up moved or already ran
-                    sink.cancels = False
-                    try:
-                        wake = apply_engine(rec["state"], inp, item.at, journeys, sink, now_ms, wake)
-                    except Exception as e:
-                        raise _Redo from e
-                    if offset >= 0:
+                    if offset >= 0:  # in-process ticks have none: they are idempotent by themselves
                         offsets[topic] = offset
                 else:
                     wake = core.UNKNOWN_WAKE
@@ -585,7 +576,7 @@ class BatchCore:
             w = writes.get(p)
             if w is None:
                 w = writes[p] = []
-            w.append((USER + key[1].encode(), value))  # keys.user_key, inline
+            w.append((user_key(key[1]), value))
             new = steps_of(rec["state"])
             if old != new:
                 moves.append((p, old, new))

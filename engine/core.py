@@ -185,11 +185,6 @@ class _Run:
         clock = self.st["clock"]
         if self.old_wake is not None and self.old_wake <= now:
             self.advance(now)
-        if inp.__class__ is Event:  # most inputs: the dispatch below, without its checks
-            self.on_event(inp, now)
-            if clock > now:
-                self.advance(clock)
-            return
         match inp:
             case Event():
                 self.on_event(inp, now)
@@ -221,11 +216,7 @@ class _Run:
                 del attribution[jid]
         if self.seg_dirty:
             self.next_segment_edge(st["clock"])
-        new = st.get("seg_wake")  # next_wake(st), inline: this runs for every input
-        for i in st["instances"].values():
-            w = i["wake"]
-            if w is not None and (new is None or w < new):
-                new = w
+        new = next_wake(st)
         if new != self.old_wake:
             self.sink.timer(self.user, self.old_wake, new)
         return new
@@ -246,14 +237,11 @@ class _Run:
                         self.remember_values(c.id, ev.ts, [get_path(props, k) for k in c.keys])
                     else:
                         self.remember(c.id, ev.ts, c.keep_ms, c.keep_n)
-        journeys = js.journeys
         for ik in (sorted(instances) if len(instances) > 1 else list(instances)) if instances else ():
-            inst = instances[ik]
-            j = journeys.get(ik)  # journey_of's common case, inline: the instance runs the current definition
-            if j is None or inst["digest"] != j.digest or inst["version"] != j.version or inst["step"] not in j.steps:
-                j = self.journey_of(ik, t)
+            j = self.journey_of(ik, t)
             if j is None or name not in j.listens:
                 continue
+            inst = instances[ik]
             node = j.steps[inst["step"]]
             # a step waiting for exactly this event takes its "performed" branch, even when the
             # event is also the goal or an exit: the flow says explicitly what happens next
@@ -264,12 +252,7 @@ class _Run:
                 and (not node.refs or _keyed(node.refs, props, inst))
             )
             goal = j.goal
-            if (
-                goal
-                and goal.rule.event == name
-                and goal.rule.where(props)
-                and (not goal.rule.refs or _keyed(goal.rule.refs, props, inst))
-            ):
+            if goal and goal.rule.event == name and goal.rule.where(props) and _keyed(goal.rule.refs, props, inst):
                 self.convert(j, ik, t)
                 if goal.exit and not performed:
                     self.exit(j, ik, "converted", t)
@@ -553,26 +536,13 @@ class _Run:
         """A goal or exit event that happened after the trigger but was processed before it (inputs
         from different topics can arrive out of order): apply it now, at its own time, after the
         steps that were due before it."""
-        history = self.st["history"]
-        if not history and not self.st.get("seen"):
+        if not self.st["history"] and not self.st.get("seen"):
             return
         first: tuple[int, int] | None = None
-        if j.goal:
-            r = j.goal.rule
-            if r.refs:
-                last = self.rule_last(r, ik)
-            else:  # rule_last, inline
-                h = history.get(r.counter)
-                last = h[-1] if h else None
-            if last is not None and last > t:
-                first = (last, 0)
+        if j.goal and (last := self.rule_last(j.goal.rule, ik)) is not None and last > t:
+            first = (last, 0)
         for r in j.exits:
-            if r.refs:
-                last = self.rule_last(r, ik)
-            else:
-                h = history.get(r.counter)
-                last = h[-1] if h else None
-            if last is not None and last > t and (first is None or (last, 1) < first):
+            if (last := self.rule_last(r, ik)) is not None and last > t and (first is None or (last, 1) < first):
                 first = (last, 1)
         if first is None:
             return
@@ -627,7 +597,7 @@ class _Run:
     def journey_of(self, ik: str, t: int) -> g.Journey | None:
         """The journey an instance runs, after applying edits; None if the instance had to leave."""
         inst = self.st["instances"][ik]
-        j = self.js.journeys.get(ik if "#" not in ik else journey_id(ik))
+        j = self.js.journeys.get(journey_id(ik))
         if j is None:
             del self.st["instances"][ik]
             self.count(("exited", journey_id(ik), "journey_removed"))
@@ -635,7 +605,7 @@ class _Run:
         if inst["step"] not in j.steps:  # whatever the version: an edit removed the step
             self.exit(j, ik, "step_removed", t)
             return None
-        if inst["digest"] != j.digest or inst["version"] != j.version:
+        if inst["version"] != j.version or inst["digest"] != j.digest:
             inst["version"], inst["digest"] = j.version, j.digest
         return j
 
@@ -674,10 +644,9 @@ class _Run:
             self.exit(j, ik, "journey_stopped", t)
             return
         node = j.steps[inst["step"]]
-        if node.__class__ is g.Wait:  # the common case, without the dispatch below
-            self.move(j, ik, node.next, t)
-            return
-        match node:
+        match node:  # the commonest first: each case is an isinstance check
+            case g.Wait() | g.WaitUntil() | g.WaitWindow():
+                self.move(j, ik, node.next, t)
             case g.WaitFor():
                 self.count(("step", j.id, f"{node.id}:timed_out"))
                 self.move(j, ik, node.on_timeout, t)
@@ -685,8 +654,6 @@ class _Run:
                 inst.pop("call", None)
                 self.count(("step", j.id, f"{node.id}:timed_out"))
                 self.move(j, ik, node.on_error, t)
-            case g.Wait() | g.WaitUntil() | g.WaitWindow():
-                self.move(j, ik, node.next, t)
             case g.Send() | g.Branch() | g.Split() | g.Update() | g.End():
                 self.run(j, ik, t)  # not a waiting step (e.g. after an edit): carry on from here
             case _:
@@ -713,12 +680,6 @@ class _Run:
             inst = instances[ik]
             node = j.steps[inst["step"]]
             self.count(("visit", j.id, node.id))
-            if node.__class__ is g.Wait:  # run_step's cases, without the dispatch: the common stops
-                inst["wake"] = t + node.ms
-                return
-            if node.__class__ is g.End:
-                self.exit(j, ik, "completed", t)
-                return
             target = self.run_step(j, ik, inst, node, t)
             if target is None:
                 return
@@ -729,11 +690,14 @@ class _Run:
         self.exit(j, ik, "loop_guard", t)
 
     def run_step(self, j: g.Journey, ik: str, inst: Instance, node: g.Node, t: int) -> str | None:
-        match node:
-            case g.Send():
-                return self.run_send(j, inst, node, t)
+        match node:  # the commonest first: each case is an isinstance check
             case g.Wait():
                 inst["wake"] = t + node.ms
+                return None
+            case g.Send():
+                return self.run_send(j, inst, node, t)
+            case g.End():
+                self.exit(j, ik, "completed", t)
                 return None
             case g.WaitUntil():
                 return self.run_wait_until(j, ik, inst, node, t)
@@ -750,9 +714,6 @@ class _Run:
                 return self.run_update(j, inst, node, t)
             case g.Call():
                 return self.run_call(j, inst, node, t)
-            case g.End():
-                self.exit(j, ik, "completed", t)
-                return None
             case _:
                 assert_never(node)
 
@@ -915,25 +876,22 @@ class _Run:
         fallback = None
         if msg.fallback is not None:
             fallback = self.render(j, inst, step, msg.fallback, key + ":" + msg.fallback.channel, t)
-        content = {}
-        for k, v in msg.content.items():
-            content[k] = v.render(ctx)
-        return SendRequest(  # positional, in the field order (a send per tick: keywords cost)
-            key,
-            msg.channel,
-            self.user,
-            j.id,
-            j.version,
-            step,
-            inst["entry_no"],
-            msg.template,
-            content,
-            render_value(msg.data, ctx) if msg.data else {},
-            t,
-            inst["trigger_event_id"],
-            fallback,
-            msg.to.render(ctx) if msg.to is not None else _recipient(self.st["profile"], msg.channel),
-            t + msg.expires_ms,
+        return SendRequest(
+            key=key,
+            channel=msg.channel,
+            user_id=self.user,
+            journey=j.id,
+            journey_version=j.version,
+            step=step,
+            instance=inst["entry_no"],
+            template=msg.template,
+            content={k: v.render(ctx) for k, v in msg.content.items()},
+            data=render_value(msg.data, ctx),
+            created_at=t,
+            trigger_event_id=inst["trigger_event_id"],
+            fallback=fallback,
+            to=msg.to.render(ctx) if msg.to is not None else _recipient(self.st["profile"], msg.channel),
+            expires_at=t + msg.expires_ms,
         )
 
 

@@ -107,9 +107,7 @@ class Decoder:
             ts = self._ts(ts, kafka_ts, now_ms)
             if isinstance(ts, Invalid):
                 return ts
-        base = self._base.get(topic)
-        if base is None:
-            base = self.base(topic)
+        base = self.base(topic)
         if base == PROFILE_TOPIC:
             attrs = doc.get("attributes")
             if not isinstance(attrs, dict):
