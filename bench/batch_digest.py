@@ -22,30 +22,19 @@ import tempfile
 from pathlib import Path
 
 import orjson
-from rocksdict import Options, Rdict
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from nudgeflow.agents.batch import BatchCore, BatchOutput, Item, Raw  # noqa: E402
+sys.path.insert(0, str(ROOT / "bench"))
+from core_only import Table, run  # noqa: E402 - the same loop as the core benchmark, digested
+
+from nudgeflow.agents.batch import BatchCore, BatchOutput, Raw  # noqa: E402
 from nudgeflow.agents.store import StateStore  # noqa: E402
-from nudgeflow.agents.timers import TimerScanner  # noqa: E402
-from nudgeflow.engine.io import Tick  # noqa: E402
 from nudgeflow.engine.loader import load_journeys  # noqa: E402
 from nudgeflow.streams.events import Decoder  # noqa: E402
 from nudgeflow.streams.topics import CUSTOM_TOPIC, EVENT_TOPICS, PROFILE_TOPIC, Topics  # noqa: E402
 
 T0_S = 1_767_225_600.0  # the corpus starts 2026-01-01; "now" for validation
-
-
-class Table:
-    """What StateStore needs of Faust's table: one Rdict per partition (here one)."""
-
-    def __init__(self, path: str) -> None:
-        self.db = Rdict(path, Options(raw_mode=True))
-        self.data = self
-
-    def _db_for_partition(self, partition: int) -> Rdict:
-        return self.db
 
 
 def messages(corpus: Path, topics: Topics) -> list[Raw]:
@@ -73,34 +62,19 @@ def main() -> None:
     msgs = messages(a.corpus, topics)
     core = BatchCore(load_journeys([a.journeys]), topics, Decoder(max_future_ms=10**13), clock=lambda: T0_S)
     h = hashlib.md5(usedforsecurity=False)
+
+    def digest(out: BatchOutput) -> None:
+        for r in out.records:
+            h.update(b"%s\0%s\0%s\0%s" % (r.topic.encode(), r.key or b"", r.value, repr(r.headers).encode()))
+        h.update(repr(sorted(out.counts.items())).encode())
+        for changes in (out.writes, out.local):
+            for _, ops in sorted(changes.items()):
+                for k, v in ops:
+                    h.update(k + b"\0" + (v if v is not None else b"-"))
+
     with tempfile.TemporaryDirectory() as d:
         table = Table(d)
-        store = StateStore(table)
-        scanner = TimerScanner(store, grace_ms=0, fire_limit=10**9)
-        scanner.assign({0})
-        gate = float("-inf")
-        for i in range(0, len(msgs), a.batch):
-            out = BatchOutput()
-            items = core.decode(msgs[i : i + a.batch], out)
-
-            def gate_of(p: int, upto: float = gate) -> float:  # the batch before's newest input time
-                return upto
-
-            due = scanner.collect_due(2**62, gate_of)
-            items += [Item(topics.ticks, p, -1, Tick(user), at) for p, at, user in due]
-            gate = max((it.at for it in items), default=gate)
-            core.apply(items, store, out)
-            store.write(out.writes, out.local, {})
-            core.written(out)
-            for p, due_at in out.earliest_timer.items():
-                scanner.rewind(p, due_at)
-            for r in out.records:
-                h.update(b"%s\0%s\0%s\0%s" % (r.topic.encode(), r.key or b"", r.value, repr(r.headers).encode()))
-            h.update(repr(sorted(out.counts.items())).encode())
-            for changes in (out.writes, out.local):
-                for _, ops in sorted(changes.items()):
-                    for k, v in ops:
-                        h.update(k + b"\0" + (v if v is not None else b"-"))
+        run(core, StateStore(table), msgs, a.batch, on_batch=digest)
         keys = sum(1 for _ in table.db.items())
         table.db.close()
     print(f"digest {h.hexdigest()}  ({len(msgs):,} inputs, {keys:,} keys in the store)")

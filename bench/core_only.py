@@ -15,6 +15,7 @@ import random
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import orjson
@@ -56,7 +57,13 @@ class Table:
         return self.db
 
 
-def run(core: BatchCore, store: StateStore, msgs: list[Raw], batch: int) -> int:
+def run(
+    core: BatchCore,
+    store: StateStore,
+    msgs: list[Raw],
+    batch: int,
+    on_batch: Callable[[BatchOutput], None] | None = None,
+) -> int:
     """Every message through the batch core and the store as the pipeline does, with the due
     timers of each batch fired as ticks in the next (the worker's scanner, gated by event time);
     the sends made."""
@@ -76,6 +83,8 @@ def run(core: BatchCore, store: StateStore, msgs: list[Raw], batch: int) -> int:
         for p, due_at in out.earliest_timer.items():
             scanner.rewind(p, due_at)
         sends += sum(out.sent_by.values())
+        if on_batch is not None:  # what the batch produced and wrote (bench/batch_digest.py)
+            on_batch(out)
     return sends
 
 
