@@ -53,7 +53,16 @@ from nudgeflow.engine.io import (
     TimerSet,
 )
 from nudgeflow.engine.predicates import MAX_HISTORY, MISSING, Ref, get_path, reachable, ref_values, refs_match
-from nudgeflow.engine.state import Instance, UserState, clone, new_state, next_wake, recent_send
+from nudgeflow.engine.state import (
+    Instance,
+    UserState,
+    clone,
+    idempotency_key,
+    new_state,
+    next_wake,
+    push_recent,
+    recent_send,
+)
 from nudgeflow.engine.templates import RenderError, render_value
 from nudgeflow.engine.timeparse import iso_to_ms
 
@@ -62,11 +71,6 @@ __all__ = ["UNKNOWN_WAKE", "EffectList", "apply", "idempotency_key", "new_state"
 MAX_STEPS_PER_RUN = 200
 PAUSE_RECHECK_MS = 3_600_000
 RECENT_SENDS = 10  # kept per user for `nudgeflow inspect`
-
-
-def idempotency_key(journey: str, user: str, instance: int, step: str, k: int) -> str:
-    raw = f"{journey}\x1f{user}\x1f{instance}\x1f{step}\x1f{k}".encode()
-    return hashlib.sha256(raw).hexdigest()[:32]
 
 
 def process(state: UserState | None, inp: Input, now: int, js: g.JourneySet) -> Result:
@@ -741,10 +745,9 @@ class _Run:
             return node.next
         self.sink.emit(req)
         self.count(("sent", j.id, msg.channel))
-        recent = self.st.setdefault("recent", [])  # `nudgeflow inspect`: why did this user get it
-        recent.append(recent_send(t, j.id, node.id, msg.channel, key, inst["trigger_event_id"]))
-        if len(recent) > RECENT_SENDS:
-            del recent[0]
+        # `nudgeflow inspect`: why did this user get it
+        line = recent_send(t, j.id, node.id, msg.channel, inst["entry_no"], inst["moves"], inst["trigger_event_id"])
+        push_recent(self.st, line, RECENT_SENDS)
         if capped:
             self.note_sent(msg.channel, t)
         return node.next

@@ -7,6 +7,7 @@ that changes a state; adapters only store it and ask `next_wake`.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any, NotRequired, TypedDict
 
 
@@ -54,9 +55,10 @@ class UserState(TypedDict):
     profile: dict[str, Any]  # profile attributes (from user_profiles and update steps)
     history: dict[str, list[int]]  # counter id -> sorted event times the conditions need
     seen: NotRequired[dict[str, list[list[Any]]]]  # keyed rule id -> [time, *values] (keyed waits, goals)
-    # the last sends, newest last, one text each: "time journey step channel key trigger-event-id"
-    # (read with recent_sends; one string, not a list of six, is far cheaper to load and store)
-    recent: NotRequired[list[str]]
+    # the last sends, newest last, one line each (push_recent, read with recent_sends). One text
+    # for all of them: the record is loaded and stored with every batch that touches the user, and
+    # one string costs less to parse than a list of ten (records of earlier builds hold a list)
+    recent: NotRequired[str | list[Any]]
     seg_wake: NotRequired[int]  # when an event ages out of a segment's window (time-driven segments)
     sent: NotRequired[list[tuple[int, str]]]  # (time, channel) of marketing sends the frequency caps need
 
@@ -88,27 +90,69 @@ def clone(s: UserState) -> UserState:
         "history": {k: list(v) for k, v in s["history"].items()},
         **({"sent": list(s["sent"])} if "sent" in s else {}),  # type: ignore[typeddict-item]
         **({"seg_wake": s["seg_wake"]} if "seg_wake" in s else {}),  # type: ignore[typeddict-item]
-        **({"recent": list(s["recent"])} if "recent" in s else {}),  # type: ignore[typeddict-item]
+        **({"recent": _copy_recent(s["recent"])} if "recent" in s else {}),  # type: ignore[typeddict-item]
         **({"seen": {k: list(v) for k, v in s["seen"].items()}} if "seen" in s else {}),  # type: ignore[typeddict-item]
     }
+
+
+def _copy_recent(recent: str | list[Any]) -> str | list[Any]:
+    return recent if isinstance(recent, str) else list(recent)  # text is immutable
 
 
 RecentSend = tuple[int, str, str, str, str, str | None]  # time, journey, step, channel, key, trigger event id
 
 
-def recent_send(t: int, journey: str, step: str, channel: str, key: str, trigger_event_id: str | None) -> str:
-    """One entry of `recent` (journey, step and channel ids have no spaces; the event id comes last)."""
-    return f"{t} {journey} {step} {channel} {key} {trigger_event_id or ''}"
+def idempotency_key(journey: str, user: str, instance: int, step: str, k: int) -> str:
+    """A send's (or call's) idempotency key: the same visit of the same step in the same entry gives
+    the same key, whichever worker computes it and however often."""
+    raw = f"{journey}\x1f{user}\x1f{instance}\x1f{step}\x1f{k}".encode()
+    return hashlib.sha256(raw).hexdigest()[:32]
 
 
-def recent_sends(st: UserState) -> list[RecentSend]:
-    """The user's last sends, newest last (entries stored as lists by earlier builds are read too)."""
+def recent_send(t: int, journey: str, step: str, channel: str, entry_no: int, moves: int, trigger: str | None) -> str:
+    """One line of `recent`: "time journey step channel entry_no.moves trigger-event-id". The key is
+    not stored: `recent_sends` derives it from the entry number and the moves (a third of the text
+    less in a record that is loaded and stored with every batch). Journey, step and channel ids
+    have no spaces; the event id comes last and keeps its spaces, not its line breaks."""
+    if trigger and "\n" in trigger:
+        trigger = trigger.replace("\n", " ")
+    return f"{t} {journey} {step} {channel} {entry_no}.{moves} {trigger or ''}"
+
+
+def push_recent(st: UserState, line: str, keep: int) -> None:
+    """Append a `recent_send` line, keeping the newest `keep`."""
+    recent = st.get("recent")
+    if recent is None:
+        st["recent"] = line
+        return
+    if not isinstance(recent, str):  # a list from an earlier build: its entries carry their keys
+        recent = "\n".join(_legacy_line(e) for e in recent[-(keep - 1) :]) if keep > 1 else ""
+        st["recent"] = recent + "\n" + line if recent else line
+        return
+    if recent.count("\n") >= keep - 1:
+        recent = recent[recent.index("\n") + 1 :] if keep > 1 else ""
+    st["recent"] = recent + "\n" + line if recent else line
+
+
+def _legacy_line(e: Any) -> str:
+    """An entry stored by an earlier build: "time journey step channel key trigger" or its list."""
+    if isinstance(e, str):
+        return e
+    t, journey, step, channel, key, trigger = e
+    return f"{t} {journey} {step} {channel} {key} {trigger or ''}"
+
+
+def recent_sends(st: UserState, user: str) -> list[RecentSend]:
+    """The user's last sends, newest last, each with its idempotency key."""
+    recent = st.get("recent")
+    if not recent:
+        return []
+    lines = recent.split("\n") if isinstance(recent, str) else [_legacy_line(e) for e in recent]
     out: list[RecentSend] = []
-    for e in st.get("recent", ()):
-        if isinstance(e, str):
-            t, journey, step, channel, key, trigger = e.split(" ", 5)
-            out.append((int(t), journey, step, channel, key, trigger or None))
-        else:
-            t, journey, step, channel, key, trigger = e
-            out.append((int(t), journey, step, channel, key, trigger))
+    for line in lines:
+        t, journey, step, channel, key, trigger = line.split(" ", 5)
+        if "." in key:  # entry_no.moves (an earlier build stored the key itself: hex, no dot)
+            entry_no, moves = key.split(".")
+            key = idempotency_key(journey, user, int(entry_no), step, int(moves))
+        out.append((int(t), journey, step, channel, key, trigger or None))
     return out

@@ -433,7 +433,7 @@ def inspect_lines(js: g.JourneySet, user: str, rec: Mapping[str, Any], now_ms: i
             out.append(f"    {jid}: {e['count']} time(s), last {when(last)}{member}")
     if st.get("recent"):
         out.append("  recent sends (newest last):")
-        for t, jid, step, channel, key, trigger in recent_sends(st):
+        for t, jid, step, channel, key, trigger in recent_sends(st, user):
             out.append(f"    {when(t)}  {jid}/{step} {channel} key {key} (trigger event {trigger or '-'})")
     if st.get("sent"):
         out.append(f"  marketing sends the frequency caps count: {len(st['sent'])}, last {when(st['sent'][-1][0])}")
