@@ -35,6 +35,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, NotRequired, Protocol, TypedDict, assert_never, cast
 
 import orjson
+from msgspec import Struct
 
 from nudgeflow.agents.keys import timer_key, user_key
 from nudgeflow.agents.occupancy import OCCUPANCY, Occupancy, Steps, steps_of
@@ -124,10 +125,10 @@ def kafka_ts(m: Message) -> int | None:
     return ts if kind != NO_TIMESTAMP and ts > 0 else None
 
 
-@dataclass(slots=True)
-class Item:
+class Item(Struct, gc=False):
     """A decoded input, where it came from, and the time it applies at. Timer ticks fired by the
-    scanner have no message and offset -1."""
+    scanner have no message and offset -1. (A Struct, like the engine's inputs: made in C, one per
+    input message.)"""
 
     topic: str
     partition: int
