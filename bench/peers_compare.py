@@ -1,7 +1,8 @@
 """nudgeflow as one more job of the peer benchmark (../shared/peers): same input, same expectation.
 
     .venv/bin/python bench/peers_compare.py [--n 1000000] [--users 20000] [--wait-ms 30000]
-        [--workers 1] [--live 0.5,0.9 [--live-seconds 30] [--live-wait-ms 2000] [--join]]
+        [--workers 1] [--repeat 1] [--peers quix[,raw-cl]]
+        [--live 0.5,0.9 [--live-seconds 30] [--live-wait-ms 2000] [--join]]
 
 Catch-up (always first): starts the embedded broker, produces the peers' deterministic input with
 their gen.py (seed 42: add_to_cart / charged, event time = 2026-01-01 + i ms), runs `--workers`
@@ -18,6 +19,11 @@ f x the catch-up rate for `--live-seconds`, with event time = the wall clock; `-
 second of two workers half way (a rebalance mid-stream). Reports the lateness of each send (the
 push's Kafka timestamp minus its due time: event in, timer fired, send request out) at p50/p99,
 CPU seconds per event, and checks exactness against the same closed form on what was produced.
+
+`--peers quix` (or `quix,raw-cl`) runs the peer benchmark's own runner before each catch-up run
+and once after the last, so each nudgeflow run has a Quix run just before and just after it (this
+VM's speed drifts within minutes: a ratio is only meaningful between neighbours); each catch-up
+run then carries `vs_quix` [before, after].
 
 Prints a table row per run and, last, `RESULT {json}` with every run; exit status 1 on a mismatch.
 """
@@ -408,6 +414,38 @@ def live(broker: EmbeddedBroker, work: Path, a: argparse.Namespace, rate: float,
     }
 
 
+def show_peers(rows: list[dict[str, Any]], into: list[dict[str, Any]]) -> None:
+    for p in rows:
+        into.append(p)
+        print(
+            f"| peer: {p['impl']} | 1 | | {p['eps']:,} | {p['cpu_us_per_event']} | {p['rss_mib']} | | | {p['exact']} |",
+            flush=True,
+        )
+
+
+def peer_runs(a: argparse.Namespace, work: Path, tag: str) -> list[dict[str, Any]]:
+    """One run of the peer benchmark's jobs (`--peers`, e.g. quix) by its own runner, with its own
+    broker and a fresh copy of the same input: their RESULT lines, each with the job's events/s
+    and CPU seconds (wait4 rusage)."""
+    cmd = [str(PEERS / "run.sh"), "--n", str(a.n), "--users", str(a.users), "--wait-ms", str(a.wait_ms)]
+    cmd += ["--impls", a.peers, "--workdir", str(work / f"peers-{tag}")]
+    done = subprocess.run(cmd, cwd=PEERS, capture_output=True, text=True, check=False)
+    rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith('{"impl"')]
+    if done.returncode != 0 or len(rows) != len(a.peers.split(",")):
+        tail = done.stdout[-2000:] + done.stderr[-2000:]
+        raise SystemExit(f"the peer benchmark failed (exit {done.returncode}):\n{tail}")
+    return [
+        {
+            "impl": r["name"],
+            "eps": r["eps"],
+            "cpu_us_per_event": round(r["job_cpu"] / r["events"] * 1e6, 1),
+            "rss_mib": round(r["rss_mb"]),
+            "exact": r["sends"] == r["out_keys"] == r["out_msgs"] and r["disorder"] == 0,
+        }
+        for r in rows
+    ]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=200_000)
@@ -420,17 +458,26 @@ def main() -> None:
     ap.add_argument("--live-seconds", type=float, default=30.0)
     ap.add_argument("--live-wait-ms", type=int, default=2000)
     ap.add_argument("--join", action="store_true", help="live: a second worker joins half way")
+    ap.add_argument(
+        "--peers",
+        default="",
+        help="peer jobs to run before each catch-up run and after the last (e.g. quix or quix,raw-cl), "
+        "by ../shared/peers/run.sh: each nudgeflow run is compared with the Quix runs beside it",
+    )
     a = ap.parse_args()
     if not (PEERS / "gen.py").exists():
         raise SystemExit(f"the peer benchmark is not at {PEERS}")
     work = Path(tempfile.mkdtemp(prefix="nudgeflow-bench-"))
     runs: list[dict[str, Any]] = []
+    peers: list[dict[str, Any]] = []
     print(f"N={a.n}, U={a.users}, wait={a.wait_ms} ms, workers={a.workers}, batch={a.batch}; logs in {work}\n")
     print("| mode | workers | events | events/s | CPU µs/event | peak RSS MiB | lateness p50/p99 s | sends | exact |")
     print("|---|--:|--:|--:|--:|--:|--:|--:|---|")
     with EmbeddedBroker(log_path=work / "tansu.log") as broker:
         m = produce_input(broker, work, a)
         for rep in range(1, a.repeat + 1):
+            if a.peers:
+                show_peers(peer_runs(a, work, str(rep)), peers)
             r = catch_up(broker, work, a, m, rep)
             runs.append(r)
             print(
@@ -438,6 +485,13 @@ def main() -> None:
                 f"{r['rss_mib']} | | {r['sends']} / {r['expected_sends']} | {r['exact']} |",
                 flush=True,
             )
+        if a.peers:
+            show_peers(peer_runs(a, work, "last"), peers)
+            quix = [p["eps"] for p in peers if p["impl"] == "quix"]
+            for i, r in enumerate(runs):  # against the Quix run just before and just after it
+                if len(quix) > i + 1:
+                    r["vs_quix"] = [round(r["eps"] / quix[i], 2), round(r["eps"] / quix[i + 1], 2)]
+                    print(f"catch-up run {i + 1}: {r['vs_quix'][0]}x / {r['vs_quix'][1]}x Quix (the runs beside it)")
         max_rate = statistics.median(r["eps"] for r in runs)
         for i, f in enumerate(float(x) for x in a.live.split(",") if x):
             r = live(broker, work, a, max_rate * f, f"l{i}")
@@ -448,9 +502,10 @@ def main() -> None:
                 f"{r['lateness_p99_s']} | {r['sends']} / {r['expected_sends']} | {r['exact']} |",
                 flush=True,
             )
-    ok = all(r["exact"] for r in runs)
+    ok = all(r["exact"] for r in runs) and all(p["exact"] for p in peers)
     print("\nOK: every run matches the expected result" if ok else "\nFAILED: see the rows above")
-    print("RESULT " + json.dumps({"n": a.n, "users": a.users, "wait_ms": a.wait_ms, "runs": runs}), flush=True)
+    result = {"n": a.n, "users": a.users, "wait_ms": a.wait_ms, "runs": runs, "peers": peers}
+    print("RESULT " + json.dumps(result), flush=True)
     sys.exit(0 if ok else 1)
 
 
