@@ -94,15 +94,36 @@ class Checkpoint:
     positions: dict[tuple[str, int], int] = field(default_factory=dict)
     batches: int = 0
     records: dict[tuple[int, str], bytes] = field(default_factory=dict)  # the user records written (batch core)
+    born: dict[int, set[bytes]] = field(default_factory=dict)  # timer keys set first in this checkpoint
 
     def absorb(self, out: BatchOutput) -> None:
-        """A batch's state changes into the checkpoint (a later batch's value of a key wins)."""
-        for into, changes in ((self.writes, out.writes), (self.local, out.local)):
-            for p, ops in changes.items():
-                d = into.get(p)
-                if d is None:
-                    d = into[p] = {}
-                d.update(ops)
+        """A batch's state changes into the checkpoint (a later batch's value of a key wins).
+
+        Timer-index entries set and cleared again within the checkpoint net out: a user has one
+        entry (their next wake-up), so a key whose first change here is a set was in no earlier
+        checkpoint or the store, and its clearing leaves nothing to write. A cart restarted every
+        few seconds moves its user's entry a dozen times in a five-second checkpoint: two writes
+        instead of twenty-four (the entry the store had goes, the newest comes)."""
+        for p, ops in out.writes.items():
+            d = self.writes.get(p)
+            if d is None:
+                d = self.writes[p] = {}
+            d.update(ops)
+        for p, ops in out.local.items():
+            d = self.local.get(p)
+            if d is None:
+                d = self.local[p] = {}
+                born = self.born[p] = set()
+            else:
+                born = self.born[p]
+            for key, value in ops:
+                if value is None and key in born:
+                    born.discard(key)
+                    del d[key]
+                    continue
+                if value is not None and key not in d:
+                    born.add(key)
+                d[key] = value
         self.positions.update(out.positions)
         out.writes, out.local = {}, {}
 
