@@ -110,12 +110,7 @@ class Checkpoint:
                 d = self.writes[p] = {}
             d.update(ops)
         for p, ops in out.local.items():
-            d = self.local.get(p)
-            if d is None:
-                d = self.local[p] = {}
-                born = self.born[p] = set()
-            else:
-                born = self.born[p]
+            d, born = self.local.setdefault(p, {}), self.born.setdefault(p, set())
             for key, value in ops:
                 if value is None and key in born:
                     born.discard(key)

@@ -122,15 +122,10 @@ def recent_send(t: int, journey: str, step: str, channel: str, entry_no: int, mo
 def push_recent(st: UserState, line: str, keep: int) -> None:
     """Append a `recent_send` line, keeping the newest `keep`."""
     recent = st.get("recent")
-    if recent is None:
-        st["recent"] = line
-        return
-    if not isinstance(recent, str):  # a list from an earlier build: its entries carry their keys
-        recent = "\n".join(_legacy_line(e) for e in recent[-(keep - 1) :]) if keep > 1 else ""
-        st["recent"] = recent + "\n" + line if recent else line
-        return
-    if recent.count("\n") >= keep - 1:
-        recent = recent[recent.index("\n") + 1 :] if keep > 1 else ""
+    if isinstance(recent, list):  # an earlier build's list: its entries carry their keys
+        recent = "\n".join(_legacy_line(e) for e in recent[-keep:])
+    if recent and recent.count("\n") >= keep - 1:  # full: the oldest goes
+        recent = recent[recent.index("\n") + 1 :] if "\n" in recent else ""
     st["recent"] = recent + "\n" + line if recent else line
 
 
