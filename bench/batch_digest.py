@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import inspect
 import sys
 import tempfile
 from pathlib import Path
@@ -36,6 +37,7 @@ from nudgeflow.engine.state import recent_sends  # noqa: E402
 from nudgeflow.streams.events import Decoder  # noqa: E402
 from nudgeflow.streams.topics import CUSTOM_TOPIC, EVENT_TOPICS, PROFILE_TOPIC, Topics  # noqa: E402
 
+RECENT_NEEDS_USER = "user" in inspect.signature(recent_sends).parameters
 T0_S = 1_767_225_600.0  # the corpus starts 2026-01-01; "now" for validation
 
 
@@ -63,9 +65,9 @@ def canonical(key: bytes, value: bytes) -> bytes:
     rec = orjson.loads(value)
     st = rec["state"]
     if "recent" in st:
-        try:
+        if RECENT_NEEDS_USER:
             st["recent"] = recent_sends(st, key[len(USER) :].decode())
-        except TypeError:  # a build before recent sends derived their keys: recent_sends(st)
+        else:  # a build before recent sends derived their keys (run from a `git archive`)
             st["recent"] = recent_sends(st)  # type: ignore[call-arg]
     return orjson.dumps(rec)
 
