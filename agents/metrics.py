@@ -9,13 +9,17 @@ from typing import assert_never
 
 from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics
 
-from nudgeflow import __version__
+from nudgeflow import __version__, compiled
 from nudgeflow.engine.io import Count, CountKind
 
 disable_created_metrics()  # type: ignore[no-untyped-call]  # no `_created` series beside every counter: half the series, no use
 
-BUILD_INFO = Gauge("nudgeflow_build_info", "The running nudgeflow (value 1)", ["version", "python"])
-BUILD_INFO.labels(__version__, platform.python_version()).set(1)
+BUILD_INFO = Gauge(
+    "nudgeflow_build_info",
+    "The running nudgeflow (value 1); compiled: hot modules compiled / all",
+    ["version", "python", "compiled"],
+)
+BUILD_INFO.labels(__version__, platform.python_version(), compiled.summary()).set(1)
 
 EVENTS = Counter("nudgeflow_events_consumed_total", "Input messages consumed", ["topic"])
 INVALID = Counter("nudgeflow_invalid_events_total", "Messages sent to the dead-letter topic", ["topic", "reason"])

@@ -710,8 +710,7 @@ class _Run:
             case g.WaitFor():
                 return self.run_wait_for(inst, node, t)
             case g.Branch():
-                ctx = _Ctx(self, t, inst)
-                return next((nxt for cond, nxt in node.cases if cond(ctx)), node.otherwise)
+                return _branch(node, _Ctx(self, t, inst))
             case g.Split():
                 return self.run_split(j, inst, node)
             case g.Update():
@@ -905,6 +904,15 @@ RECIPIENT_ATTRIBUTE = {
     "push": "push_token",
     "webpush": "webpush_subscription",
 }
+
+
+def _branch(node: g.Branch, ctx: _Ctx) -> str:
+    """The step a branch goes to: its first case whose condition holds, else `otherwise` (a loop,
+    not a generator: a compiled `_Run` method may hold no closure)."""
+    for cond, nxt in node.cases:
+        if cond(ctx):
+            return nxt
+    return node.otherwise
 
 
 def _recipient(profile: Mapping[str, Any], channel: str) -> str | None:

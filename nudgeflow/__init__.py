@@ -8,3 +8,7 @@ embedded broker, demo, simulate and enroll.
 """
 
 __version__ = "0.1.0"
+
+from nudgeflow import compiled as _compiled
+
+_compiled.install()  # before any hot module loads: stale or NUDGEFLOW_PURE=1 -> from source

@@ -9,6 +9,7 @@ nudgeflow release     release quarantined users after a fix
 nudgeflow stats       per journey and step: entered, in it now, exited, converted, sends, feedback
 nudgeflow graph       a journey as a picture (Mermaid, DOT, SVG, PNG) with its counts
 nudgeflow inspect     one user's journeys, steps, wake-ups, entries and recent sends, and why
+nudgeflow compile     compile the hot modules (Cython; optional: without them, the same from source)
 """
 
 from __future__ import annotations
@@ -245,6 +246,20 @@ def release(
         typer.echo(f"asked the workers to release {n} user(s)")
 
     _guard(go)
+
+
+@app.command()
+def compile(
+    status: Annotated[bool, typer.Option("--status", help="only say which modules run compiled")] = False,
+) -> None:
+    """Compile the hot modules in place (README "Compiled modules"); `make` does it for you."""
+    from nudgeflow import compiled
+
+    if not status:
+        for path in compiled.build():
+            typer.echo(f"compiled {path.relative_to(compiled.PACKAGE.parent)}")
+    for module, state in compiled.status().items():
+        typer.echo(f"{state:9} {module}")
 
 
 @app.command()

@@ -115,6 +115,11 @@ class Settings(BaseSettings):
     release_quarantined: bool = Field(
         False, description="release every quarantined user the next time an input or timer of theirs arrives"
     )
+    pure: bool = Field(
+        False,
+        description="run every module from its Python source even where it is compiled (README 'Compiled "
+        "modules'); read from the environment when nudgeflow is imported, before any other setting",
+    )
     state_max_bytes: int = Field(
         256 * 1024,
         ge=4096,

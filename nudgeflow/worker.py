@@ -12,6 +12,7 @@ from typing import Any
 
 import faust
 
+from nudgeflow import compiled
 from nudgeflow.agents import datadir, health, metrics
 from nudgeflow.agents.app import build_app, owners_topic
 from nudgeflow.agents.owners import OWNERS_CONFIG
@@ -137,7 +138,8 @@ def run_worker(settings: Settings) -> None:
         print(
             f"nudgeflow worker {settings.app_id}: {len(journeys.journeys)} journey(s) "
             f"[{', '.join(sorted(journeys.journeys))}] on {settings.bootstrap}; "
-            f"metrics at http://{settings.metrics_host}:{port}/metrics",
+            f"metrics at http://{settings.metrics_host}:{port}/metrics; "
+            f"hot modules compiled: {compiled.summary()}",
             flush=True,
         )
         app, _runtime = build_app(settings, journeys)

@@ -90,6 +90,8 @@ scrape_configs:
         assert value("sum(nudgeflow_rebalances_total)") >= 1 and value("sum(nudgeflow_assigned_partitions)") == 4
         assert wait_for(lambda: value('sum(nudgeflow_consumer_lag_messages{topic="add_to_cart"})') == 0, timeout=30)
         assert value("sum(nudgeflow_build_info)") == 1
+        if os.environ.get("REQUIRE_COMPILED"):  # CI: the worker runs the compiled modules
+            assert value('count(nudgeflow_build_info{compiled="12/12"})') == 1
         assert value('count(nudgeflow_journey_info{journey="test-cart"})') == 1
         assert value("max(nudgeflow_event_time_lag_seconds)") >= 0
     finally:
