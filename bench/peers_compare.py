@@ -23,7 +23,9 @@ CPU seconds per event, and checks exactness against the same closed form on what
 `--peers quix` (or `quix,raw-cl`) runs the peer benchmark's own runner before each catch-up run
 and once after the last, so each nudgeflow run has a Quix run just before and just after it (this
 VM's speed drifts within minutes: a ratio is only meaningful between neighbours); each catch-up
-run then carries `vs_quix` [before, after].
+run then carries `vs_quix` [before, after]. Like the peers' runner, every catch-up run has a broker
+of its own with the input produced afresh (one broker for all of them kept each run's changelog
+and sends, GBs in memory, for the next).
 
 Prints a table row per run and, last, `RESULT {json}` with every run; exit status 1 on a mismatch.
 """
@@ -482,35 +484,39 @@ def main() -> None:
     print(f"N={a.n}, U={a.users}, wait={a.wait_ms} ms, workers={a.workers}, batch={a.batch}; logs in {work}\n")
     print("| mode | workers | events | events/s | CPU µs/event | peak RSS MiB | lateness p50/p99 s | sends | exact |")
     print("|---|--:|--:|--:|--:|--:|--:|--:|---|")
-    with EmbeddedBroker(log_path=work / "tansu.log") as broker:
-        m = produce_input(broker, work, a)
-        for rep in range(1, a.repeat + 1):
-            if a.peers:
-                show_peers(peer_runs(a, work, str(rep)), peers)
-            r = catch_up(broker, work, a, m, rep)
-            runs.append(r)
-            print(
-                f"| catch-up | {r['workers']} | {r['events']:,} | {r['eps']:,} | {r['cpu_us_per_event']} | "
-                f"{r['rss_mib']} | | {r['sends']} / {r['expected_sends']} | {r['exact']} |",
-                flush=True,
-            )
+    for rep in range(1, a.repeat + 1):
         if a.peers:
-            show_peers(peer_runs(a, work, "last"), peers)
-            quix = [p["eps"] for p in peers if p["impl"] == "quix"]
-            for i, r in enumerate(runs):  # against the Quix run just before and just after it
-                if len(quix) > i + 1:
-                    r["vs_quix"] = [round(r["eps"] / quix[i], 2), round(r["eps"] / quix[i + 1], 2)]
-                    print(f"catch-up run {i + 1}: {r['vs_quix'][0]}x / {r['vs_quix'][1]}x Quix (the runs beside it)")
-        max_rate = statistics.median(r["eps"] for r in runs)
-        for i, f in enumerate(float(x) for x in a.live.split(",") if x):
-            r = live(broker, work, a, max_rate * f, f"l{i}")
-            runs.append({**r, "fraction": f})
-            print(
-                f"| {r['mode']} @ {f:.0%} ({r['rate']:,}/s) | {r['workers']} | {r['events']:,} | "
-                f"{r['achieved_rate']:,} | {r['cpu_us_per_event']} | | {r['lateness_p50_s']} / "
-                f"{r['lateness_p99_s']} | {r['sends']} / {r['expected_sends']} | {r['exact']} |",
-                flush=True,
-            )
+            show_peers(peer_runs(a, work, str(rep)), peers)
+        # each run on a broker of its own with the input produced afresh, as the peers' runner does:
+        # a broker that kept the earlier runs' changelogs and sends (GBs in memory) is not the same
+        with EmbeddedBroker(log_path=work / f"tansu-{rep}.log") as broker:
+            r = catch_up(broker, work, a, produce_input(broker, work, a), rep)
+        runs.append(r)
+        print(
+            f"| catch-up | {r['workers']} | {r['events']:,} | {r['eps']:,} | {r['cpu_us_per_event']} | "
+            f"{r['rss_mib']} | | {r['sends']} / {r['expected_sends']} | {r['exact']} |",
+            flush=True,
+        )
+    if a.peers:
+        show_peers(peer_runs(a, work, "last"), peers)
+        quix = [p["eps"] for p in peers if p["impl"] == "quix"]
+        for i, r in enumerate(runs):  # against the Quix run just before and just after it
+            if len(quix) > i + 1:
+                r["vs_quix"] = [round(r["eps"] / quix[i], 2), round(r["eps"] / quix[i + 1], 2)]
+                print(f"catch-up run {i + 1}: {r['vs_quix'][0]}x / {r['vs_quix'][1]}x Quix (the runs beside it)")
+    max_rate = statistics.median(r["eps"] for r in runs)
+    fractions = [float(x) for x in a.live.split(",") if x]
+    if fractions:  # live runs: one more broker of their own
+        with EmbeddedBroker(log_path=work / "tansu-live.log") as broker:
+            for i, f in enumerate(fractions):
+                r = live(broker, work, a, max_rate * f, f"l{i}")
+                runs.append({**r, "fraction": f})
+                print(
+                    f"| {r['mode']} @ {f:.0%} ({r['rate']:,}/s) | {r['workers']} | {r['events']:,} | "
+                    f"{r['achieved_rate']:,} | {r['cpu_us_per_event']} | | {r['lateness_p50_s']} / "
+                    f"{r['lateness_p99_s']} | {r['sends']} / {r['expected_sends']} | {r['exact']} |",
+                    flush=True,
+                )
     ok = all(r["exact"] for r in runs) and all(p["exact"] for p in peers)
     print("\nOK: every run matches the expected result" if ok else "\nFAILED: see the rows above")
     result = {"n": a.n, "users": a.users, "wait_ms": a.wait_ms, "runs": runs, "peers": peers}
