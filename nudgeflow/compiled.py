@@ -23,6 +23,7 @@ import importlib.abc
 import importlib.machinery
 import importlib.util
 import os
+import shutil
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -107,16 +108,21 @@ def build(jobs: int = 2) -> list[Path]:
     from Cython.Build import cythonize  # the `compiled` extra: only the build needs it
     from setuptools import Distribution, Extension
 
-    work = Path(tempfile.mkdtemp(prefix="nudgeflow-build-"))
-    exts = [Extension(m, [str(source_of(m))]) for m in MODULES]
-    c_exts = cythonize(exts, build_dir=str(work), compiler_directives=DIRECTIVES, quiet=True)  # type: ignore[no-untyped-call]
-    dist = Distribution({"ext_modules": c_exts})
-    cmd = dist.get_command_obj("build_ext")
-    cmd.build_temp, cmd.build_lib, cmd.parallel = str(work / "temp"), str(work / "lib"), jobs
-    dist.run_command("build_ext")
     built = []
-    for m in MODULES:  # build_lib mirrors the module names; each goes beside its source
-        out = work / "lib" / Path(*m.split(".")[:-1]) / compiled_of(m).name
-        out.replace(compiled_of(m))
-        built.append(compiled_of(m))
+    with tempfile.TemporaryDirectory(prefix="nudgeflow-build-") as tmp:  # the C files: ~40 MB
+        work = Path(tmp)
+        exts = [Extension(m, [str(source_of(m))]) for m in MODULES]
+        c_exts = cythonize(exts, build_dir=tmp, compiler_directives=DIRECTIVES, quiet=True)  # type: ignore[no-untyped-call]
+        dist = Distribution({"ext_modules": c_exts})
+        cmd = dist.get_command_obj("build_ext")
+        cmd.build_temp, cmd.build_lib, cmd.parallel = str(work / "temp"), str(work / "lib"), jobs
+        dist.run_command("build_ext")
+        for m in MODULES:  # build_lib mirrors the module names; each goes beside its source
+            out, dest = work / "lib" / Path(*m.split(".")[:-1]) / compiled_of(m).name, compiled_of(m)
+            # copied beside it, then renamed over it: a process that has the old one loaded keeps
+            # its file (a rename, unlike a copy onto it); and /tmp may be another file system
+            staged = dest.with_name(dest.name + ".new")
+            shutil.copyfile(out, staged)
+            staged.replace(dest)
+            built.append(dest)
     return built
